@@ -1,0 +1,3 @@
+"""anomaly-detector: a streaming LSTM-autoencoder anomaly detector for sensor data."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,289 @@
+"""The streaming engine: per-stream state slots and one batched step for many streams.
+
+Give it readings ``(stream_id, ts, values)`` for any number of streams; every stream with
+a reading advances by one LSTM step, all of them in one batched call of the runtime. Per
+reading it returns the error, each feature's share of it, a calibrated score in [0, 1],
+the flag, and episode events with hysteresis. No MQTT, no threads: the daemon's worker
+calls :meth:`Engine.process` once per micro-batch.
+
+Policies:
+
+* **Order.** Several readings of one stream in one call are applied in the order given
+  (they go into successive rounds of the batched step). A reading whose ``ts`` equals
+  the stream's last scored ``ts`` is rejected as ``duplicate``; one before it as
+  ``out_of_order``; one more than ``max_future_s`` after ``now`` as ``future_timestamp``;
+  one with every value missing as ``missing_values``. Rejected readings change no state.
+* **Missing values.** A reading with some features NaN is scored on the others (see
+  :func:`detector.scoring.step`).
+* **New streams** start from the bundle's warm-up state (the mean state over training)
+  and are never flagged during their first ``warmup_readings`` readings.
+* **Bounded memory.** A stream not seen for ``idle_timeout_s`` (engine clock: the
+  ``now`` given to :meth:`process`) is evicted; at ``max_streams`` the least recently
+  seen streams make room (1 % of them at a time, so a flood of new ids costs one sweep
+  per hundred, not one per reading). Evictions are counted by reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from detector.bundle import Bundle
+from detector.config import EngineConfig, ScoreConfig
+from detector.runtime import NumpyRuntime, Runtime
+from detector.scoring import advance, ewma_alpha, observe
+
+
+@dataclass(frozen=True)
+class Event:
+    stream: str
+    event: str  # "anomaly_start" or "anomaly_end"
+    ts: float
+    score: float
+    error: float
+    threshold: float
+    features: dict[str, float]
+    model: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stream": self.stream, "event": self.event, "ts": self.ts, "score": self.score,
+                "error": self.error, "threshold": self.threshold, "features": self.features,
+                "model": self.model}
+
+
+@dataclass
+class Scored:
+    """Results for one :meth:`Engine.process` call, one row per reading, in input order."""
+
+    error: np.ndarray  # (n,) raw reconstruction error; NaN where rejected
+    score: np.ndarray  # (n,) in [0, 1]; 0 where rejected
+    flag: np.ndarray  # (n,) bool: the reading is flagged
+    in_episode: np.ndarray  # (n,) bool: the stream is in an anomaly episode after it
+    shares: np.ndarray  # (n, features) each feature's share of the error
+    rejected: dict[int, str] = field(default_factory=dict)  # index -> reason
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def scored(self) -> int:
+        return len(self.error) - len(self.rejected)
+
+
+class Engine:
+    def __init__(self, b: Bundle, score: ScoreConfig = ScoreConfig(),
+                 engine: EngineConfig = EngineConfig(), runtime: Runtime | None = None) -> None:
+        self.bundle = b
+        self.cfg = score
+        self.ecfg = engine
+        self.rt = runtime if runtime is not None else b.runtime(engine.runtime, engine.threads)
+        self.kind = b.kind
+        self.features = b.features
+        self.n_features = len(self.features)
+        self.alpha = ewma_alpha(b.smoothing)
+        self.threshold_error = b.calibration.error_at(score.threshold)
+        self.model_ref = {"name": b.name, "version": b.version}
+        self._mean = b.scaler.mean
+        self._scale = b.scaler.scale
+        self._init_h = b.weights["init_h"].reshape(-1).astype(np.float32)
+        self._init_c = b.weights["init_c"].reshape(-1).astype(np.float32)
+        # The forecast for a new stream's first reading: the decoder on the warm-up state.
+        self._init_pred = NumpyRuntime(b.weights).decode(self._init_h[None, :])[0]
+        self.slot_of: dict[str, int] = {}
+        self._stream_of: list[str | None] = []
+        self._free: list[int] = []
+        self.evicted: Counter[str] = Counter()
+        self._next_idle_sweep = -np.inf
+        self._grow(64)
+
+    # ---- state slots -------------------------------------------------------------
+    def _grow(self, cap: int) -> None:
+        old = len(self._stream_of)
+        hid = self.rt.hidden
+
+        def extend(arr: np.ndarray | None, shape: tuple[int, ...], dtype: Any, fill: Any) -> np.ndarray:
+            new = np.full(shape, fill, dtype=dtype)
+            if arr is not None:
+                new[:old] = arr
+            return new
+
+        get = self.__dict__.get
+        self.h = extend(get("h"), (cap, hid), np.float32, 0.0)
+        self.c = extend(get("c"), (cap, hid), np.float32, 0.0)
+        self.pred = extend(get("pred"), (cap, self.n_features), np.float32, 0.0)
+        self.smoothed = extend(get("smoothed"), (cap,), np.float64, 0.0)
+        self.count = extend(get("count"), (cap,), np.int64, 0)
+        self.last_ts = extend(get("last_ts"), (cap,), np.float64, -np.inf)
+        self.last_seen = extend(get("last_seen"), (cap,), np.float64, -np.inf)
+        self.in_episode = extend(get("in_episode"), (cap,), bool, False)
+        self.flagged_run = extend(get("flagged_run"), (cap,), np.int64, 0)
+        self.normal_run = extend(get("normal_run"), (cap,), np.int64, 0)
+        self._stream_of.extend([None] * (cap - old))
+        self._free.extend(range(cap - 1, old - 1, -1))
+
+    def _reset_slot(self, slot: int) -> None:
+        self.h[slot] = self._init_h
+        self.c[slot] = self._init_c
+        self.pred[slot] = self._init_pred
+        self.smoothed[slot] = 0.0
+        self.count[slot] = 0
+        self.last_ts[slot] = -np.inf
+        self.in_episode[slot] = False
+        self.flagged_run[slot] = 0
+        self.normal_run[slot] = 0
+
+    def _release(self, slots: np.ndarray, reason: str) -> None:
+        for slot in slots.tolist():
+            sid = self._stream_of[slot]
+            if sid is None:
+                continue
+            del self.slot_of[sid]
+            self._stream_of[slot] = None
+            self.last_seen[slot] = -np.inf
+            self._free.append(slot)
+        self.evicted[reason] += len(slots)
+
+    def _new_slot(self, sid: str, now: float) -> int:
+        if not self._free:
+            if len(self.slot_of) >= self.ecfg.max_streams:
+                live = np.flatnonzero(np.array([s is not None for s in self._stream_of]))
+                k = max(1, self.ecfg.max_streams // 100)
+                oldest = live[np.argpartition(self.last_seen[live], min(k, len(live)) - 1)[:k]]
+                self._release(oldest, "max_streams")
+            else:
+                self._grow(min(max(2 * len(self._stream_of), 64), self.ecfg.max_streams))
+        slot = self._free.pop()
+        self.slot_of[sid] = slot
+        self._stream_of[slot] = sid
+        self._reset_slot(slot)
+        self.last_seen[slot] = now
+        return slot
+
+    def evict_idle(self, now: float) -> int:
+        """Evict streams not seen since ``now - idle_timeout_s``; returns how many."""
+        stale = np.flatnonzero(self.last_seen < now - self.ecfg.idle_timeout_s)
+        stale = np.array([s for s in stale.tolist() if self._stream_of[s] is not None], dtype=np.int64)
+        if len(stale):
+            self._release(stale, "idle")
+        return len(stale)
+
+    @property
+    def n_streams(self) -> int:
+        return len(self.slot_of)
+
+    # ---- scoring -----------------------------------------------------------------
+    def process(self, streams: Sequence[str], ts: Sequence[float] | np.ndarray,
+                values: Sequence[Sequence[float]] | np.ndarray, now: float | None = None) -> Scored:
+        """Score one batch of readings; see the module's docstring for the policies."""
+        n = len(streams)
+        ts_arr = np.asarray(ts, dtype=np.float64).reshape(n)
+        vals = np.asarray(values, dtype=np.float64).reshape(n, self.n_features)
+        now = time.time() if now is None else now
+        if now >= self._next_idle_sweep:
+            self.evict_idle(now)
+            self._next_idle_sweep = now + self.ecfg.idle_timeout_s / 10.0
+        out = Scored(error=np.full(n, np.nan), score=np.zeros(n), flag=np.zeros(n, dtype=bool),
+                     in_episode=np.zeros(n, dtype=bool), shares=np.zeros((n, self.n_features)))
+        if n == 0:
+            return out
+        for idx in _rounds(streams):
+            self._step(idx, streams, ts_arr, vals, now, out)
+        return out
+
+    def _step(self, idx: np.ndarray, streams: Sequence[str], ts_all: np.ndarray,
+              vals_all: np.ndarray, now: float, out: Scored) -> None:
+        sids = [streams[i] for i in idx.tolist()]
+        get = self.slot_of.get
+        slots = np.fromiter((get(s, -1) for s in sids), dtype=np.int64, count=len(sids))
+        new = np.flatnonzero(slots < 0)
+        if len(new):
+            # Mark this batch's known streams as seen first, so that making room for the
+            # new ones never evicts a stream that is in this very batch.
+            self.last_seen[slots[slots >= 0]] = now
+            for j in new.tolist():
+                slots[j] = self._new_slot(sids[j], now)
+        ts, vals = ts_all[idx], vals_all[idx]
+        last = self.last_ts[slots]
+        allnan = np.isnan(vals).all(axis=1)
+        bad = (ts <= last) | (ts > now + self.ecfg.max_future_s) | allnan | ~np.isfinite(ts)
+        if bad.any():
+            for j in np.flatnonzero(bad).tolist():
+                if allnan[j]:
+                    reason = "missing_values"
+                elif not np.isfinite(ts[j]):
+                    reason = "bad_timestamp"
+                elif ts[j] == last[j]:
+                    reason = "duplicate"
+                elif ts[j] < last[j]:
+                    reason = "out_of_order"
+                else:
+                    reason = "future_timestamp"
+                out.rejected[int(idx[j])] = reason
+            keep = ~bad
+            idx, slots, ts, vals = idx[keep], slots[keep], ts[keep], vals[keep]
+            sids = [s for s, k in zip(sids, keep.tolist()) if k]
+            if len(idx) == 0:
+                return
+        x = (vals - self._mean) / self._scale
+        present = np.maximum(self.n_features - np.isnan(x).sum(axis=1), 1)
+        se, y, x, h, c = observe(self.rt, self.kind, x, self.pred[slots], self.h[slots], self.c[slots])
+        err = se.sum(axis=1) / present
+        total = se.sum(axis=1, keepdims=True)
+        shares = np.divide(se, total, out=np.full_like(se, 1.0 / self.n_features), where=total > 0)
+
+        count = self.count[slots]
+        prev = self.smoothed[slots]
+        sm = np.where(count == 0, err, prev + self.alpha * (err - prev))
+        self.smoothed[slots] = sm
+        score = self.bundle.calibration.score(sm)
+        warm = count >= self.cfg.warmup_readings
+        flag = (score >= self.cfg.threshold) & warm
+        h, c, y_next = advance(self.rt, self.kind, x, y, h, c, hold=flag)
+        self.h[slots] = h
+        self.c[slots] = c
+        self.pred[slots] = y_next
+        normal = (score < self.cfg.clear_threshold) | ~warm
+        flagged_run = np.where(flag, self.flagged_run[slots] + 1, 0)
+        normal_run = np.where(normal, self.normal_run[slots] + 1, 0)
+        was = self.in_episode[slots]
+        starts = ~was & (flagged_run >= self.cfg.min_flagged)
+        ends = was & (normal_run >= self.cfg.clear_readings)
+        now_in = (was | starts) & ~ends
+
+        self.flagged_run[slots] = flagged_run
+        self.normal_run[slots] = normal_run
+        self.in_episode[slots] = now_in
+        self.count[slots] = count + 1
+        self.last_ts[slots] = ts
+        self.last_seen[slots] = now
+
+        out.error[idx] = err
+        out.score[idx] = score
+        out.flag[idx] = flag
+        out.in_episode[idx] = now_in
+        out.shares[idx] = shares
+        for j in np.flatnonzero(starts | ends).tolist():
+            out.events.append(Event(
+                stream=sids[j], event="anomaly_start" if starts[j] else "anomaly_end",
+                ts=float(ts[j]), score=float(score[j]), error=float(err[j]),
+                threshold=self.threshold_error,
+                features={f: round(float(s), 4) for f, s in zip(self.features, shares[j])},
+                model=self.model_ref))
+
+
+def _rounds(streams: Sequence[str]) -> list[np.ndarray]:
+    """Index sets in which every stream appears at most once, preserving per-stream order."""
+    if len(set(streams)) == len(streams):
+        return [np.arange(len(streams))]
+    seen: Counter[str] = Counter()
+    rounds: list[list[int]] = []
+    for i, s in enumerate(streams):
+        r = seen[s]
+        seen[s] += 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(i)
+    return [np.asarray(r, dtype=np.int64) for r in rounds]

@@ -1,0 +1,110 @@
+"""The streaming engine on a real trained model: scores, flags, episodes, policies."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from detector import plant
+from detector.config import EngineConfig, ScoreConfig
+from detector.engine import Engine
+
+
+def _normal_rows(n: int, seed: int) -> np.ndarray:
+    return plant.normal(n, seed=seed)[1]
+
+
+def test_normal_data_scores_low_and_a_spike_scores_high(bundle) -> None:
+    vals = _normal_rows(400, seed=5)
+    spiked = vals.copy()
+    spiked[300, 2] += 40.0  # flow, ~20 standard deviations
+    eng = Engine(bundle)
+    res = eng.process(["pump"] * 400, np.arange(400.0), spiked, now=1e6)
+    assert np.all((res.score >= 0) & (res.score <= 1)) and np.all(np.isfinite(res.score))
+    assert res.score[300] > 0.999
+    assert res.flag[300]
+    # The spike's error is carried by the feature that spiked.
+    assert int(np.argmax(res.shares[300])) == 2
+    # Normal stretch: few flags (the calibration puts 0.1 % of normal data above 0.999).
+    assert res.flag[50:290].mean() < 0.05
+    starts = [e for e in res.events if e.event == "anomaly_start"]
+    assert any(e.ts == 300.0 and e.features["flow"] > 0.5 for e in starts)
+
+
+def test_episode_hysteresis_start_then_end_after_clear_readings(bundle) -> None:
+    vals = _normal_rows(300, seed=6)
+    vals[150:170, 1] += 15.0  # pressure far off for 20 readings
+    cfg = ScoreConfig(clear_readings=5)
+    eng = Engine(bundle, cfg)
+    res = eng.process(["p"] * 300, np.arange(300.0), vals, now=1e6)
+    ev = [(e.event, e.ts) for e in res.events if 140 <= e.ts <= 200]
+    assert ev[0] == ("anomaly_start", 150.0)
+    assert ev[1][0] == "anomaly_end" and ev[1][1] >= 170 + 5 - 1
+    assert res.in_episode[150:170].all()
+    end = next(e for e in res.events if e.event == "anomaly_end" and e.ts >= 170)
+    assert end.model == {"name": bundle.name, "version": bundle.version}
+    assert end.threshold > 0 and set(end.features) == set(bundle.features)
+
+
+def test_warmup_suppresses_flags_for_new_streams(bundle) -> None:
+    vals = _normal_rows(30, seed=7)
+    vals[2, 0] += 100.0
+    res = Engine(bundle, ScoreConfig(warmup_readings=10)).process(["w"] * 30, np.arange(30.0), vals, now=1e6)
+    assert res.score[2] > 0.999 and not res.flag[2]
+
+
+def test_duplicate_out_of_order_future_and_missing_readings_are_rejected(bundle) -> None:
+    v = _normal_rows(6, seed=8)
+    nan_row = np.full(len(bundle.features), np.nan)
+    eng = Engine(bundle)
+    res = eng.process(["a"] * 6, [10.0, 10.0, 9.0, 11.0, 1e9, 12.0],
+                      np.vstack([v[0], v[1], v[2], v[3], v[4], nan_row]), now=100.0)
+    assert res.rejected == {1: "duplicate", 2: "out_of_order", 4: "future_timestamp", 5: "missing_values"}
+    assert res.scored == 2 and np.isnan(res.error[1]) and res.score[1] == 0.0
+    assert eng.count[eng.slot_of["a"]] == 2
+
+
+def test_partially_missing_reading_is_scored_on_the_present_features(bundle) -> None:
+    v = _normal_rows(3, seed=9)
+    v[1, 3] = np.nan
+    res = Engine(bundle).process(["m"] * 3, [1.0, 2.0, 3.0], v, now=10.0)
+    assert not res.rejected and np.isfinite(res.error).all()
+    assert res.shares[1, 3] == 0.0
+
+
+def test_readings_of_one_stream_in_one_batch_keep_their_order(bundle) -> None:
+    v = _normal_rows(8, seed=10)
+    mixed = Engine(bundle).process(["x", "y", "x", "y", "x", "y", "x", "y"], np.repeat(np.arange(4.0), 2),
+                                   np.vstack([v[:4], v[:4]])[[0, 4, 1, 5, 2, 6, 3, 7]], now=10.0)
+    alone = Engine(bundle).process(["x"] * 4, np.arange(4.0), v[:4], now=10.0)
+    np.testing.assert_allclose(mixed.error[[0, 2, 4, 6]], alone.error, rtol=1e-6)
+    np.testing.assert_allclose(mixed.error[[1, 3, 5, 7]], alone.error, rtol=1e-6)
+
+
+def test_idle_streams_are_evicted_and_start_fresh(bundle) -> None:
+    eng = Engine(bundle, engine=EngineConfig(idle_timeout_s=60.0))
+    v = _normal_rows(2, seed=11)
+    eng.process(["old", "new"], [1.0, 1.0], v, now=1000.0)
+    eng.process(["new"], [2.0], v[:1], now=1050.0)
+    assert eng.evict_idle(1070.0) == 1
+    assert set(eng.slot_of) == {"new"} and eng.evicted["idle"] == 1
+    res = eng.process(["old"], [0.5], v[:1], now=1071.0)  # earlier ts is fine: fresh state
+    assert not res.rejected and eng.count[eng.slot_of["old"]] == 1
+
+
+def test_max_streams_bounds_state_and_evicts_least_recently_seen(bundle) -> None:
+    eng = Engine(bundle, engine=EngineConfig(max_streams=200))
+    v = _normal_rows(1, seed=12)
+    for k in range(10):
+        ids = [f"s{k}-{i}" for i in range(100)]
+        eng.process(ids, np.ones(100), np.repeat(v, 100, axis=0), now=float(k))
+        assert eng.n_streams <= 200
+    assert eng.evicted["max_streams"] >= 800
+    assert all(sid.startswith(("s9-", "s8-")) for sid in eng.slot_of)
+    assert len(eng.h) <= 200
+
+
+def test_calibrated_threshold_is_reported_in_error_units(bundle) -> None:
+    eng = Engine(bundle, replace(ScoreConfig(), threshold=0.999))
+    assert np.isclose(bundle.calibration.score(np.array([eng.threshold_error]))[0], 0.999, atol=1e-6)
