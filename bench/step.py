@@ -4,7 +4,7 @@
 
 Measures, in one run on this machine:
   * ``step``: one recurrent step for B streams (observe + advance: the LSTM cell and the
-    decoder), per runtime, for B = 1, 64, 1024, 10000;
+    decoder), per runtime (numpy, onnx, auto, keras), for B = 1, 64, 1024, 10000;
   * ``engine``: ``Engine.process`` for B streams (adds slot lookup, scaling, scoring,
     episodes: what the daemon's worker pays per micro-batch);
   * ``predict``: ``model.predict`` on one reading, the naive per-reading daemon;
@@ -45,6 +45,7 @@ def main() -> int:
     import numpy as np
 
     from detector import bundle
+    from detector.config import EngineConfig
     from detector.engine import Engine
     from detector.scoring import advance, observe
 
@@ -68,8 +69,8 @@ def main() -> int:
     print(f"step: {flops} FLOP per reading in matmuls\n")
     print(f"{'what':28s} {'batch':>6s} {'us/reading':>11s} {'readings/s':>12s} {'% of matmul':>12s}")
     results = {}
-    for rt_name in ("numpy", "keras"):
-        rt = b.runtime(rt_name)
+    for rt_name in ("numpy", "onnx", "auto", "keras"):
+        rt = b.runtime(rt_name, args.threads)
         for bs in batches:
             if rt_name == "keras" and bs > 1024:
                 continue
@@ -77,8 +78,10 @@ def main() -> int:
             h = np.repeat(b.weights["init_h"], bs, axis=0)
             c = np.repeat(b.weights["init_c"], bs, axis=0)
 
+            y0 = np.zeros((bs, f), dtype=np.float32)
+
             def one_step() -> None:
-                se, y, xf, h1, c1 = observe(rt, b.kind, x, h, c)
+                se, y, xf, h1, c1 = observe(rt, b.kind, x, y0, h, c)
                 advance(rt, b.kind, xf, y, h1, c1)
 
             t = _median_time(one_step, min_time=0.5 if rt_name == "numpy" else 1.0)
@@ -87,7 +90,7 @@ def main() -> int:
             print(f"{'step (' + rt_name + ')':28s} {bs:6d} {per * 1e6:11.3f} {1 / per:12.0f} "
                   f"{100 * flops / per / peak:11.1f}%")
     for bs in batches:
-        eng = Engine(b)
+        eng = Engine(b, engine=EngineConfig(threads=args.threads))
         ids = [f"sensors/s{i}" for i in range(bs)]
         vals = b.scaler.mean + b.scaler.scale * rng.standard_normal((bs, f))
         clock = [1.0]
@@ -99,21 +102,23 @@ def main() -> int:
         engine_step()
         per = _median_time(engine_step, min_time=0.5) / bs
         results[("engine", bs)] = per
-        print(f"{'engine.process (numpy)':28s} {bs:6d} {per * 1e6:11.3f} {1 / per:12.0f} "
+        print(f"{'engine.process (auto)':28s} {bs:6d} {per * 1e6:11.3f} {1 / per:12.0f} "
               f"{100 * flops / per / peak:11.1f}%")
+
+    import tensorflow as tf
 
     from detector import model
 
-    net = model.load(str(b.path / "model.keras"))
-    import tensorflow as tf
-
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    net = model.load(str(b.path / "model.keras"))
     one = rng.standard_normal((1, 1, f)).astype(np.float32)
     net.predict(one, verbose=0)
     t_pred = _median_time(lambda: net.predict(one, verbose=0), min_time=2.0, max_reps=200)
     print(f"{'model.predict per reading':28s} {1:6d} {t_pred * 1e6:11.1f} {1 / t_pred:12.0f}")
-    print(f"\nbatch 1: numpy step {t_pred / results[('numpy', 1)]:.0f}x faster than model.predict; "
-          f"engine.process {t_pred / results[('engine', 1)]:.0f}x")
+    print(f"\nbatch 1: numpy step {t_pred / results[('numpy', 1)]:.0f}x faster than model.predict, "
+          f"engine.process {t_pred / results[('engine', 1)]:.0f}x; "
+          f"at batch {batches[-1]}: engine.process {t_pred / results[('engine', batches[-1])]:.0f}x")
     return 0
 
 

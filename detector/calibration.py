@@ -45,12 +45,13 @@ class Calibration:
 
     def score(self, errors: np.ndarray) -> np.ndarray:
         s = np.log(np.asarray(errors, dtype=np.float64) + _EPS)
+        s[np.isnan(s)] = np.inf  # an error that cannot be computed is not evidence of normal
+        out = np.interp(s, self.quantiles, self.probs)
         u = self.quantiles[-1]
-        body = np.interp(s, self.quantiles, self.probs)
-        with np.errstate(over="ignore"):
-            tail = 1.0 - TAIL_FRACTION * np.exp(-(s - u) / self.tail_beta)
-        out = np.where(s > u, tail, body)
-        return np.nan_to_num(out, nan=1.0, posinf=1.0, neginf=0.0)
+        tail = s > u
+        if tail.any():
+            out[tail] = 1.0 - TAIL_FRACTION * np.exp(-(s[tail] - u) / self.tail_beta)
+        return out
 
     def error_at(self, score: float) -> float:
         """The error whose score is ``score``: the threshold in error units, for alerts."""
