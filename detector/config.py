@@ -62,7 +62,7 @@ class ScoreConfig:
     clear_threshold: float = field(default=0.99, metadata=_unit())
     min_flagged: int = field(default=1, metadata=_positive())
     clear_readings: int = field(default=10, metadata=_positive())
-    warmup_readings: int = field(default=10, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    settle_readings: int = field(default=10, metadata=_check(lambda v: v >= 0, "must be >= 0"))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ Policies:
 * **Missing values.** A reading with some features NaN is scored on the others (see
   :func:`detector.scoring.step`).
 * **New streams** start from the bundle's warm-up state (the mean state over training)
-  and are never flagged during their first ``warmup_readings`` readings.
+  and are never flagged during their first ``settle_readings`` readings.
 * **Bounded memory.** A stream not seen for ``idle_timeout_s`` (engine clock: the
   ``now`` given to :meth:`process`) is evicted; at ``max_streams`` the least recently
   seen streams make room (1 % of them at a time, so a flood of new ids costs one sweep
@@ -174,6 +174,37 @@ class Engine:
     def n_streams(self) -> int:
         return len(self.slot_of)
 
+    # ---- checkpoints -------------------------------------------------------------
+    _STATE_ARRAYS = ("h", "c", "pred", "smoothed", "count", "last_ts", "last_seen", "in_episode",
+                     "flagged_run", "normal_run")
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Every live stream's state as plain arrays (for ``np.savez``: no pickle)."""
+        live = np.array(sorted(self.slot_of.values()), dtype=np.int64)
+        snap = {name: getattr(self, name)[live] for name in self._STATE_ARRAYS}
+        snap["streams"] = np.array([self._stream_of[s] for s in live.tolist()], dtype=str)
+        snap["model"] = np.array([self.bundle.name, self.bundle.version], dtype=str)
+        return snap
+
+    def restore(self, snap: dict[str, np.ndarray]) -> int:
+        """Load a :meth:`snapshot` taken with a model of the same shape; returns the number
+        of streams restored. A different model version keeps the states (same shape, same
+        meaning of features) but each stream settles again before it can be flagged."""
+        streams = [str(s) for s in snap["streams"].tolist()]
+        if snap["h"].shape[1:] != self.h.shape[1:] or snap["pred"].shape[1:] != self.pred.shape[1:]:
+            raise ValueError(f"state shape {snap['h'].shape[1:]}/{snap['pred'].shape[1:]} does not fit "
+                             f"model {self.bundle.name} ({self.h.shape[1]} hidden, {self.n_features} features)")
+        same_model = [str(v) for v in snap["model"].tolist()] == [self.bundle.name, self.bundle.version]
+        for k, sid in enumerate(streams[: self.ecfg.max_streams]):
+            slot = self.slot_of.get(sid)
+            if slot is None:
+                slot = self._new_slot(sid, float(snap["last_seen"][k]))
+            for name in self._STATE_ARRAYS:
+                getattr(self, name)[slot] = snap[name][k]
+            if not same_model:
+                self.count[slot] = 0
+        return min(len(streams), self.ecfg.max_streams)
+
     # ---- scoring -----------------------------------------------------------------
     def process(self, streams: Sequence[str], ts: Sequence[float] | np.ndarray,
                 values: Sequence[Sequence[float]] | np.ndarray, now: float | None = None) -> Scored:
@@ -239,7 +270,7 @@ class Engine:
         sm = np.where(count == 0, err, prev + self.alpha * (err - prev))
         self.smoothed[slots] = sm
         score = self.bundle.calibration.score(sm)
-        warm = count >= self.cfg.warmup_readings
+        warm = count >= self.cfg.settle_readings
         flag = (score >= self.cfg.threshold) & warm
         h, c, y_next = advance(self.rt, self.kind, x, y, h, c, hold=flag)
         self.h[slots] = h

@@ -50,7 +50,7 @@ def test_episode_hysteresis_start_then_end_after_clear_readings(bundle) -> None:
 def test_warmup_suppresses_flags_for_new_streams(bundle) -> None:
     vals = _normal_rows(30, seed=7)
     vals[2, 0] += 100.0
-    res = Engine(bundle, ScoreConfig(warmup_readings=10)).process(["w"] * 30, np.arange(30.0), vals, now=1e6)
+    res = Engine(bundle, ScoreConfig(settle_readings=10)).process(["w"] * 30, np.arange(30.0), vals, now=1e6)
     assert res.score[2] > 0.999 and not res.flag[2]
 
 
@@ -108,3 +108,26 @@ def test_max_streams_bounds_state_and_evicts_least_recently_seen(bundle) -> None
 def test_calibrated_threshold_is_reported_in_error_units(bundle) -> None:
     eng = Engine(bundle, replace(ScoreConfig(), threshold=0.999))
     assert np.isclose(bundle.calibration.score(np.array([eng.threshold_error]))[0], 0.999, atol=1e-6)
+
+
+def test_snapshot_restore_continues_exactly_where_it_left_off(bundle, tmp_path) -> None:
+    vals = _normal_rows(60, seed=13)
+    ids = ["a", "b", "c"]
+    straight = Engine(bundle)
+    first = Engine(bundle)
+    for t in range(30):
+        straight.process(ids, np.full(3, float(t)), vals[t: t + 3], now=100.0)
+        first.process(ids, np.full(3, float(t)), vals[t: t + 3], now=100.0)
+    path = tmp_path / "state.npz"
+    np.savez(path, **first.snapshot())
+    with np.load(path, allow_pickle=False) as npz:
+        snap = {k: npz[k] for k in npz.files}
+    second = Engine(bundle)
+    assert second.restore(snap) == 3
+    for t in range(30, 57):
+        a = straight.process(ids, np.full(3, float(t)), vals[t: t + 3], now=100.0)
+        b = second.process(ids, np.full(3, float(t)), vals[t: t + 3], now=100.0)
+        np.testing.assert_array_equal(a.error, b.error)
+        np.testing.assert_array_equal(a.score, b.score)
+    dup = second.process(["a"], [56.0], vals[:1], now=100.0)
+    assert dup.rejected == {0: "duplicate"}  # last timestamps survived the round trip

@@ -1,0 +1,110 @@
+"""Prometheus metrics and the HTTP endpoint that serves them with ``/healthz``.
+
+Every metric lives in an injectable registry (as ``prometheus_client`` recommends), so a
+test or a second daemon in one process gets its own set. No per-stream labels: with
+thousands of streams they would be the costliest thing the daemon exports.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "anomaly_detector"
+
+# Receive-to-scored latency buckets: the worker batches for a few milliseconds at most.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    readings: Counter
+    invalid: Counter
+    dropped: Counter
+    anomalous: Counter
+    alerts: Counter
+    streams: Gauge
+    queue_depth: Gauge
+    processing: Histogram
+    mqtt_connected: Gauge
+    model_info: Gauge
+    evicted: Counter
+    batch_size: Histogram
+
+
+def create(registry: CollectorRegistry | None = None) -> Metrics:
+    reg = registry if registry is not None else CollectorRegistry()
+
+    def name(n: str) -> str:
+        return f"{PREFIX}_{n}"
+
+    return Metrics(
+        registry=reg,
+        readings=Counter(name("readings"), "Readings scored", registry=reg),
+        invalid=Counter(name("invalid_readings"), "Readings rejected, by reason", ["reason"], registry=reg),
+        dropped=Counter(name("dropped_readings"), "Valid readings not scored, by reason", ["reason"],
+                        registry=reg),
+        anomalous=Counter(name("anomalous_readings"), "Readings flagged", registry=reg),
+        alerts=Counter(name("alerts"), "Alerts published, by event", ["event"], registry=reg),
+        streams=Gauge(name("streams"), "Streams with live state", registry=reg),
+        queue_depth=Gauge(name("queue_depth"), "Readings waiting to be scored", registry=reg),
+        processing=Histogram(name("processing_seconds"), "Receive to scored, seconds",
+                             buckets=LATENCY_BUCKETS, registry=reg),
+        mqtt_connected=Gauge(name("mqtt_connected"), "1 when connected to the broker", registry=reg),
+        model_info=Gauge(name("model_info"), "1 per loaded model", ["model", "version", "runtime"],
+                         registry=reg),
+        evicted=Counter(name("evicted_streams"), "Stream states dropped, by reason", ["reason"],
+                        registry=reg),
+        batch_size=Histogram(name("batch_readings"), "Readings per scoring batch",
+                             buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384), registry=reg),
+    )
+
+
+class MetricsServer:
+    """``/metrics`` (Prometheus text format) and ``/healthz`` (200 when ``healthy()`` says
+    so, else 503) on one address, served from a daemon thread."""
+
+    def __init__(self, metrics: Metrics, address: str, port: int,
+                 healthy: Callable[[], tuple[bool, str]]) -> None:
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                elif path == "/healthz":
+                    ok, why = healthy()
+                    self._send(200 if ok else 503, "text/plain; charset=utf-8", (why + "\n").encode())
+                else:
+                    self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
+                pass
+
+        self._server = ThreadingHTTPServer((address, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

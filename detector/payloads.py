@@ -1,0 +1,210 @@
+"""Decode MQTT payloads into readings (CONTRACT.md, "MQTT in").
+
+`decode` runs on paho's network thread for every message, so it must be cheap and must
+never raise: a bad payload becomes a `Rejected` whose reason is a Prometheus label value
+and whose detail is one line for a rate-limited log. Accepted forms:
+
+- a bare number, JSON or plain text, surrounding ASCII whitespace allowed: ``21.5``;
+- ``{"value": 21.5}`` or ``{"values": {"temperature": 21.5, ...}}``, each with an optional
+  ``"ts"``. Other keys are ignored, so publishers may add metadata (unit, seq, ...);
+- a batch: a JSON array of the above; items are judged one by one, valid ones kept in order.
+
+``ts`` is epoch seconds (above 1e11 it is milliseconds) or an ISO 8601 string (naive means
+UTC, ``Z`` accepted). Absent or ``null`` means the receive time. Far past or future times
+pass: the engine's policy decides about those. Feature names are not checked here: the
+worker matches them against the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+TOO_LARGE = "too_large"          # payload over max_bytes; judged before any decoding
+EMPTY = "empty"                  # zero bytes or whitespace only (e.g. a retained-message clear)
+NOT_UTF8 = "not_utf8"            # not valid UTF-8
+BAD_JSON = "bad_json"            # neither a plain number nor valid JSON (or nested too deep)
+BAD_VALUE = "bad_value"          # a number was expected: got NaN/inf, string, bool, null, object
+BAD_TIMESTAMP = "bad_timestamp"  # ts unparseable, non-finite, bool, or not a number/string
+BAD_SHAPE = "bad_shape"          # wrong structure: value/values, nested or empty/huge batch
+INTERNAL_ERROR = "internal_error"  # a bug in this module; costs one message, not the thread
+
+# All reasons, so the metrics code can create every label child up front (counters at 0).
+REASONS: tuple[str, ...] = (TOO_LARGE, EMPTY, NOT_UTF8, BAD_JSON, BAD_VALUE,
+                            BAD_TIMESTAMP, BAD_SHAPE, INTERNAL_ERROR)
+
+# 1e11 s is the year 5138 and 1e11 ms is 1973, so no realistic timestamp is ambiguous.
+_MS_THRESHOLD = 1e11
+_DETAIL_MAX = 160
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    stream: str                       # the stream id (the caller passes it; usually the topic)
+    ts: float                         # epoch seconds
+    value: float | None               # single-value forms: bare number, {"value": x}
+    values: dict[str, float] | None   # multivariate form {"values": {...}}
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: str   # one of REASONS
+    detail: str   # one line: what was wrong
+
+
+class _Invalid(Exception):
+    """Carries a rejection out of nested validation; never leaves this module."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode(stream: str, payload: bytes, received: float, max_bytes: int = 65536,
+           max_batch: int = 10000) -> tuple[list[Reading], list[Rejected]]:
+    """Turn one MQTT payload into readings (in payload order) and rejections. Never raises."""
+    try:
+        return _decode(stream, payload, received, max_bytes, max_batch)
+    except Exception as exc:  # noqa: BLE001 - an exception here would kill paho's network loop
+        return [], [_reject(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")]
+
+
+def _decode(stream: str, payload: bytes, received: float, max_bytes: int,
+            max_batch: int) -> tuple[list[Reading], list[Rejected]]:
+    if len(payload) > max_bytes:
+        return [], [_reject(TOO_LARGE, f"{len(payload)} bytes, limit {max_bytes}")]
+    text = payload.strip()
+    if not text:
+        return [], [_reject(EMPTY, "empty payload")]
+    # Fast path for the commonest payload, a bare number. float() also takes Python-only
+    # spellings: '1_000' is left to the JSON path (which rejects it), nan/inf are caught below.
+    if text[:1] not in (b"{", b"[") and b"_" not in text:
+        try:
+            number = float(text)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(number):
+                return [Reading(stream, received, number, None)], []
+            return [], [_reject(BAD_VALUE, f"payload is {number!r}, not a finite number")]
+    try:
+        # utf-8-sig: some publishers prepend a BOM, which json.loads refuses.
+        source = text.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return [], [_reject(NOT_UTF8, str(exc))]
+    try:
+        # parse_int=float: huge ints become inf (rejected as bad_value) instead of hitting
+        # the int digit limit, and every JSON number arrives as a float.
+        doc: Any = json.loads(source, parse_int=float)
+    except (ValueError, RecursionError) as exc:
+        return [], [_reject(BAD_JSON, f"{type(exc).__name__}: {exc}")]
+    if isinstance(doc, list):
+        return _batch(stream, doc, received, max_batch)
+    try:
+        return [_item(stream, doc, received)], []
+    except _Invalid as bad:
+        return [], [_reject(bad.reason, bad.detail)]
+
+
+def _batch(stream: str, items: list[Any], received: float,
+           max_batch: int) -> tuple[list[Reading], list[Rejected]]:
+    if not items:
+        return [], [_reject(BAD_SHAPE, "empty batch")]
+    if len(items) > max_batch:
+        return [], [_reject(BAD_SHAPE, f"batch of {len(items)} items, limit {max_batch}")]
+    readings: list[Reading] = []
+    rejected: list[Rejected] = []
+    for i, item in enumerate(items):
+        try:
+            if isinstance(item, list):
+                raise _Invalid(BAD_SHAPE, "nested array")
+            readings.append(_item(stream, item, received))
+        except _Invalid as bad:
+            rejected.append(_reject(bad.reason, f"item {i}: {bad.detail}"))
+    return readings, rejected
+
+
+def _item(stream: str, doc: Any, received: float) -> Reading:
+    if isinstance(doc, dict):
+        return _object(stream, doc, received)
+    if not _is_number(doc):
+        raise _bad_value("payload", doc)
+    return Reading(stream, received, doc, None)
+
+
+def _object(stream: str, obj: dict[str, Any], received: float) -> Reading:
+    has_value, has_values = "value" in obj, "values" in obj
+    if has_value and has_values:
+        raise _Invalid(BAD_SHAPE, "object has both 'value' and 'values'")
+    if not (has_value or has_values):
+        raise _Invalid(BAD_SHAPE, "object has neither 'value' nor 'values'")
+    ts = _timestamp(obj.get("ts"), received)
+    if has_value:
+        value = obj["value"]
+        if not _is_number(value):
+            raise _bad_value("value", value)
+        return Reading(stream, ts, value, None)
+    return Reading(stream, ts, None, _values(obj["values"]))
+
+
+def _values(raw: Any) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise _Invalid(BAD_SHAPE, f"'values' is {_describe(raw)}, not an object")
+    if not raw:
+        raise _Invalid(BAD_SHAPE, "'values' is empty")
+    for name, x in raw.items():
+        if not _is_number(x):
+            raise _bad_value(f"values[{name!r}]", x)
+    return raw  # json.loads built this dict for us alone, and every value is a float
+
+
+def _timestamp(raw: Any, received: float) -> float:
+    if raw is None:
+        return received
+    if type(raw) is float:  # bool is excluded by the exact type check
+        if not math.isfinite(raw):
+            raise _Invalid(BAD_TIMESTAMP, f"ts is {raw!r}, not finite")
+        return raw / 1000.0 if raw > _MS_THRESHOLD else raw
+    if isinstance(raw, str):
+        try:
+            when = datetime.fromisoformat(raw)
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            return when.timestamp()
+        except (ValueError, OverflowError) as exc:
+            raise _Invalid(BAD_TIMESTAMP, f"ts {raw[:40]!r} is not ISO 8601 ({exc})") from None
+    raise _Invalid(BAD_TIMESTAMP, f"ts is {_describe(raw)}, not epoch seconds or ISO 8601")
+
+
+def _is_number(x: Any) -> bool:
+    # parse_int=float makes every JSON number a float, so an exact type check also rejects
+    # bool (an int subclass); json.loads yields NaN/Infinity literals, hence isfinite.
+    return type(x) is float and math.isfinite(x)
+
+
+def _bad_value(what: str, x: Any) -> _Invalid:
+    return _Invalid(BAD_VALUE, f"{what} is {_describe(x)}, not a finite number")
+
+
+def _describe(x: Any) -> str:
+    if x is None or isinstance(x, bool):
+        return json.dumps(x)
+    if isinstance(x, dict):
+        return "an object"
+    if isinstance(x, list):
+        return "an array"
+    if isinstance(x, str):
+        return f"the string {x[:40]!r}"
+    return repr(x)
+
+
+def _reject(reason: str, detail: str) -> Rejected:
+    # Details go to a log line and may quote attacker-controlled text: one line, bounded.
+    detail = " ".join(detail[:2 * _DETAIL_MAX].split())
+    if len(detail) > _DETAIL_MAX:
+        detail = detail[:_DETAIL_MAX - 3] + "..."
+    return Rejected(reason, detail)

@@ -1,0 +1,50 @@
+"""The metrics endpoint over real HTTP: contract names, /healthz, isolated registries."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+from detector import metrics
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_metrics_and_healthz_over_http() -> None:
+    m = metrics.create()
+    state = {"ok": False}
+    server = metrics.MetricsServer(m, "127.0.0.1", 0, lambda: (state["ok"], "broker disconnected"))
+    server.start()
+    try:
+        m.readings.inc(3)
+        m.invalid.labels(reason="bad_json").inc()
+        m.model_info.labels(model="plant", version="v1", runtime="auto").set(1)
+        m.processing.observe(0.002)
+        base = f"http://127.0.0.1:{server.port}"
+        code, text = get(base + "/metrics")
+        assert code == 200
+        assert "anomaly_detector_readings_total 3.0" in text
+        assert 'anomaly_detector_invalid_readings_total{reason="bad_json"} 1.0' in text
+        assert 'anomaly_detector_model_info{model="plant",runtime="auto",version="v1"} 1.0' in text
+        for name in ("dropped_readings_total", "anomalous_readings_total", "alerts_total", "streams",
+                     "queue_depth", "processing_seconds_bucket", "mqtt_connected"):
+            assert f"# TYPE anomaly_detector_{name.removesuffix('_total').removesuffix('_bucket')}" in text
+        assert get(base + "/healthz") == (503, "broker disconnected\n")
+        state["ok"] = True
+        assert get(base + "/healthz")[0] == 200
+        assert get(base + "/nope")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_registries_are_independent() -> None:
+    a, b = metrics.create(), metrics.create()
+    a.readings.inc()
+    assert b.registry.get_sample_value("anomaly_detector_readings_total") == 0.0
+    assert a.registry.get_sample_value("anomaly_detector_readings_total") == 1.0
