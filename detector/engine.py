@@ -258,10 +258,14 @@ class Engine:
             sids = [s for s, k in zip(sids, keep.tolist()) if k]
             if len(idx) == 0:
                 return
-        x = (vals - self._mean) / self._scale
-        present = np.maximum(self.n_features - np.isnan(x).sum(axis=1), 1)
-        se, y, x, h, c = observe(self.rt, self.kind, x, self.pred[slots], self.h[slots], self.c[slots])
-        err = se.sum(axis=1) / present
+        x = ((vals - self._mean) / self._scale).astype(np.float32)
+        missing = np.isnan(x)
+        se, d, y, h, c = observe(self.rt, self.kind, x, self.pred[slots], self.h[slots], self.c[slots])
+        present: np.ndarray | int = self.n_features
+        if missing.any():
+            se[missing] = 0.0
+            present = np.maximum(self.n_features - missing.sum(axis=1), 1)
+        err = se.sum(axis=1, dtype=np.float64) / present
         total = se.sum(axis=1, keepdims=True)
         shares = np.divide(se, total, out=np.full_like(se, 1.0 / self.n_features), where=total > 0)
 
@@ -272,7 +276,7 @@ class Engine:
         score = self.bundle.calibration.score(sm)
         warm = count >= self.cfg.settle_readings
         flag = (score >= self.cfg.threshold) & warm
-        h, c, y_next = advance(self.rt, self.kind, x, y, h, c, hold=flag)
+        h, c, y_next = advance(self.rt, self.kind, d, y, h, c, hold=flag)
         self.h[slots] = h
         self.c[slots] = c
         self.pred[slots] = y_next

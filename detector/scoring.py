@@ -21,20 +21,16 @@ def ewma_alpha(span: int) -> float:
     return 2.0 / (span + 1.0)
 
 
-def _fed(x: np.ndarray) -> np.ndarray:
-    return np.clip(x, -INPUT_CLIP, INPUT_CLIP).astype(np.float32, copy=False)
-
-
 def observe(rt: Runtime, kind: str, x: np.ndarray, y_prev: np.ndarray, h: np.ndarray,
             c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Reconstruct scaled readings ``x`` (rows, features): (se, y, x_filled, h, c).
+    """Reconstruct scaled float32 readings ``x`` (rows, features): (se, d, y, h, c).
 
-    ``se`` is the per-feature squared error (scaled units, targets clipped as in
-    training). ``forecast`` uses ``y_prev``, the decoder's output for the state *before*
-    the reading (it never sees what it reconstructs), and leaves the state to
-    :func:`advance`; ``reconstruct`` feeds the reading and decodes the state after it. A
-    missing value (NaN) adds no error: ``forecast`` fills it with its own prediction,
-    ``reconstruct`` with the training mean.
+    ``d = x - y`` is the residual and ``se = d**2`` the per-feature squared error.
+    ``forecast`` uses ``y_prev``, the decoder's output for the state *before* the reading
+    (it never sees what it reconstructs), and leaves the state to :func:`advance`;
+    ``reconstruct`` feeds the reading and decodes the state after it. A missing value
+    (NaN) adds no error: ``forecast`` fills it with its own prediction, ``reconstruct``
+    with the training mean.
     """
     missing = np.isnan(x)
     any_missing = bool(missing.any())
@@ -45,31 +41,31 @@ def observe(rt: Runtime, kind: str, x: np.ndarray, y_prev: np.ndarray, h: np.nda
     else:
         if any_missing:
             x = np.nan_to_num(x)
-        h, c, y = rt.step(_fed(x), h, c)
-    d = np.clip(x, -INPUT_CLIP, INPUT_CLIP) - y
+        fed = np.clip(x, -INPUT_CLIP, INPUT_CLIP).astype(np.float32, copy=False)
+        h, c, y = rt.step(fed, h, c)
+    d = x - y
     se = d * d
-    if any_missing:
-        se[missing] = 0.0
-    return se, y, x, h, c
+    return se, d, y, h, c
 
 
-def advance(rt: Runtime, kind: str, x: np.ndarray, y: np.ndarray, h: np.ndarray, c: np.ndarray,
+def advance(rt: Runtime, kind: str, d: np.ndarray, y: np.ndarray, h: np.ndarray, c: np.ndarray,
             hold: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Feed the readings to the state (forecast kind; ``reconstruct`` already did):
     (h, c, forecast of the next reading).
 
-    The state sees each reading pulled to within INNOVATION_CLIP of the forecast, and a
-    reading in ``hold`` (flagged) is replaced by the forecast itself: an outlier cannot
-    drag the state away, so one fault does not derail the forecasts after it, while a
-    moderate level shift is still followed within a few readings.
+    The state sees each reading pulled to within INNOVATION_CLIP of the forecast
+    (``y + clip(d)``), and a reading in ``hold`` (flagged) is replaced by the forecast
+    itself: an outlier cannot drag the state away, so one fault does not derail the
+    forecasts after it, while a moderate level shift is still followed within a few
+    readings.
     """
     if kind != "forecast":
         return h, c, y
-    x_in = np.clip(x - y, -INNOVATION_CLIP, INNOVATION_CLIP)
+    x_in = np.clip(d, -INNOVATION_CLIP, INNOVATION_CLIP)
     if hold is not None and hold.any():
         x_in[hold] = 0.0
     x_in += y
-    return rt.step(_fed(x_in), h, c)
+    return rt.step(x_in, h, c)
 
 
 def stream_errors(rt: NumpyRuntime, kind: str, scaled: np.ndarray, h: np.ndarray,
@@ -83,9 +79,8 @@ def stream_errors(rt: NumpyRuntime, kind: str, scaled: np.ndarray, h: np.ndarray
     cs = np.empty((n, rt.hidden), dtype=np.float32)
     y = rt.decode(h)
     for t in range(n):
-        x = scaled[t: t + 1]
-        se, y, x, h, c = observe(rt, kind, x, y, h, c)
-        h, c, y = advance(rt, kind, x, y, h, c)
+        se, d, y, h, c = observe(rt, kind, scaled[t: t + 1], y, h, c)
+        h, c, y = advance(rt, kind, d, y, h, c)
         errs[t] = float(se.mean())
         hs[t], cs[t] = h[0], c[0]
     return errs, hs, cs

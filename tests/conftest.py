@@ -63,3 +63,4 @@ def bundle(bundle_dir: Path):
     from detector import bundle as bundle_mod
 
     return bundle_mod.load(bundle_dir)
+
