@@ -260,9 +260,11 @@ class Engine:
                 return
         x = ((vals - self._mean) / self._scale).astype(np.float32)
         missing = np.isnan(x)
-        se, d, y, h, c = observe(self.rt, self.kind, x, self.pred[slots], self.h[slots], self.c[slots])
+        any_missing = bool(missing.any())
+        se, d, y, h, c = observe(self.rt, self.kind, x, self.pred[slots], self.h[slots], self.c[slots],
+                                 missing)
         present: np.ndarray | int = self.n_features
-        if missing.any():
+        if any_missing:
             se[missing] = 0.0
             present = np.maximum(self.n_features - missing.sum(axis=1), 1)
         err = se.sum(axis=1, dtype=np.float64) / present

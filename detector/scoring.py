@@ -22,7 +22,8 @@ def ewma_alpha(span: int) -> float:
 
 
 def observe(rt: Runtime, kind: str, x: np.ndarray, y_prev: np.ndarray, h: np.ndarray,
-            c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            c: np.ndarray, missing: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Reconstruct scaled float32 readings ``x`` (rows, features): (se, d, y, h, c).
 
     ``d = x - y`` is the residual and ``se = d**2`` the per-feature squared error.
@@ -30,9 +31,10 @@ def observe(rt: Runtime, kind: str, x: np.ndarray, y_prev: np.ndarray, h: np.nda
     (it never sees what it reconstructs), and leaves the state to :func:`advance`;
     ``reconstruct`` feeds the reading and decodes the state after it. A missing value
     (NaN) adds no error: ``forecast`` fills it with its own prediction, ``reconstruct``
-    with the training mean.
+    with the training mean. ``missing`` is ``isnan(x)`` if the caller computed it already.
     """
-    missing = np.isnan(x)
+    if missing is None:
+        missing = np.isnan(x)
     any_missing = bool(missing.any())
     if kind == "forecast":
         y = y_prev
@@ -61,7 +63,10 @@ def advance(rt: Runtime, kind: str, d: np.ndarray, y: np.ndarray, h: np.ndarray,
     """
     if kind != "forecast":
         return h, c, y
-    x_in = np.clip(d, -INNOVATION_CLIP, INNOVATION_CLIP)
+    # minimum/maximum rather than np.clip: two bare ufunc calls cost less than clip's
+    # Python-level dispatch, which is most of the price at batch 1.
+    x_in = np.maximum(d, -INNOVATION_CLIP)
+    np.minimum(x_in, INNOVATION_CLIP, out=x_in)
     if hold is not None and hold.any():
         x_in[hold] = 0.0
     x_in += y
