@@ -70,10 +70,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from detector.worker import load_models
+
     path = args.config if args.config is not None else DEFAULT_CONFIG
-    config.load(path)
-    print(f"{path}: ok")
+    cfg = config.load(path)
+    bundles = load_models(cfg)
+    print(f"{path}: ok ({len(bundles)} model bundle(s) checked)")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from detector.daemon import Daemon, setup_logging
+
+    path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    cfg = config.load(path)
+    setup_logging(cfg)
+    return Daemon(cfg, path).run()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,9 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(r)
     r.set_defaults(func=cmd_replay)
 
-    c = sub.add_parser("check-config", help="validate a config file",
+    d = sub.add_parser(
+        "run", help="run the daemon: MQTT in, alerts out, Prometheus metrics",
+        description="Run the streaming detector as a service: subscribe to [mqtt] topics, score "
+                    "every reading with the stream's model (first matching [[models]] entry, else "
+                    "a model learned from the stream), publish anomaly_start/anomaly_end alerts on "
+                    "[alerts] topic_prefix/<stream>, serve /metrics and /healthz. SIGTERM/SIGINT: "
+                    "drain, checkpoint, exit 0; SIGHUP: reload config and models, keeping state.")
+    d.add_argument("--config", type=Path, metavar="FILE",
+                   help="config file (default: ./config.toml if present, else built-in defaults)")
+    d.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check-config", help="validate a config file and the model bundles it names",
                        description="Validate a config file: unknown keys, wrong types and "
-                                   "out-of-range values are reported with the key named.")
+                                   "out-of-range values are reported with the key named; every "
+                                   "[[models]] bundle is loaded and checked.")
     c.add_argument("--config", type=Path, metavar="FILE", help="config file (default: ./config.toml)")
     c.set_defaults(func=cmd_check_config)
     return p

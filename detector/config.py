@@ -75,15 +75,119 @@ class EngineConfig:
     max_future_s: float = field(default=300.0, metadata=_check(lambda v: v >= 0, "must be >= 0"))
 
 
+def _one_of(*choices: Any) -> dict[str, Any]:
+    return _check(lambda v: v in choices, "must be one of " + ", ".join(repr(c) for c in choices))
+
+
+def _port() -> dict[str, Any]:
+    return _check(lambda v: 0 <= v <= 65535, "must be a port number (0-65535)")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "embedded"
+    port: int = field(default=1883, metadata=_port())
+    topics: tuple[str, ...] = field(default=("sensors/#",), metadata=_check(
+        lambda v: len(v) > 0 and all(t for t in v), "must be a non-empty list of topic filters"))
+    client_id: str = "anomaly-detector"
+    protocol: str = field(default="5", metadata=_one_of("5", "3.1.1"))
+    qos: int = field(default=1, metadata=_one_of(0, 1, 2))
+    keepalive_s: int = field(default=60, metadata=_positive())
+    persistent_session: bool = False
+    username: str = ""
+    password_file: str = ""
+    password_env: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    reconnect_min_s: float = field(default=1.0, metadata=_positive())
+    reconnect_max_s: float = field(default=60.0, metadata=_positive())
+    max_payload_bytes: int = field(default=65536, metadata=_positive())
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    topic_prefix: str = field(default="anomalies", metadata=_check(
+        lambda v: v != "" and "+" not in v and "#" not in v, "must be a topic without wildcards"))
+    status_topic: str = field(default="anomaly-detector/status", metadata=_check(
+        lambda v: v != "" and "+" not in v and "#" not in v, "must be a topic without wildcards"))
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = field(default=9108, metadata=_port())
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """One ``[[models]]`` entry: streams whose topic matches ``match`` use ``path``."""
+
+    match: str
+    path: str
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    enabled: bool = True
+    warmup_readings: int = field(default=500, metadata=_check(lambda v: v >= 40, "must be >= 40"))
+    max_concurrent: int = field(default=1, metadata=_positive())
+    timeout_s: float = field(default=600.0, metadata=_positive())
+    retry_after_s: float = field(default=300.0, metadata=_positive())
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: str = "state"
+    checkpoint_interval_s: float = field(default=30.0, metadata=_positive())
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    queue_size: int = field(default=100_000, metadata=_positive())
+    max_batch: int = field(default=4096, metadata=_positive())
+    max_wait_ms: float = field(default=5.0, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    overload: str = field(default="drop_oldest", metadata=_one_of("drop_oldest", "drop_newest"))
+    shutdown_timeout_s: float = field(default=10.0, metadata=_positive())
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = field(default="text", metadata=_one_of("text", "json"))
+    level: str = field(default="info", metadata=_one_of("debug", "info", "warning", "error"))
+    invalid_interval_s: float = field(default=10.0, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     score: ScoreConfig = ScoreConfig()
     engine: EngineConfig = EngineConfig()
+    mqtt: MqttConfig = MqttConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    models: tuple[ModelRoute, ...] = ()
+    learn: LearnConfig = LearnConfig()
+    state: StateConfig = StateConfig()
+    worker: WorkerConfig = WorkerConfig()
+    log: LogConfig = LogConfig()
+    base_dir: Path = field(default=Path("."), metadata={"internal": True})
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config: relative ones are relative to the config file's folder,
+        so a service finds its models wherever it was started from."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
 
 
 def _coerce(where: str, value: Any, kind: Any) -> Any:
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InputError(where, f"expected a list of strings, got {value!r}")
+        return tuple(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
@@ -107,22 +211,38 @@ def _section(path: str, name: str, cls: type, raw: Any) -> Any:
         if "check" in meta and not meta["check"](value):
             raise InputError(where, f"{value!r} {meta['text']}")
         values[key] = value
+    missing = [f.name for f in known.values()
+               if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise InputError(f"{path}: [{name}]", f"missing key(s): {', '.join(missing)}")
     return cls(**values)
 
 
-def parse(raw: dict[str, Any], path: str = "config") -> Config:
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+def parse(raw: dict[str, Any], path: str = "config", base_dir: Path = Path(".")) -> Config:
+    sections = {f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
     hints = typing.get_type_hints(Config)
-    built = {}
+    built: dict[str, Any] = {}
     for name, body in raw.items():
         if name not in sections:
             raise InputError(f"{path}: [{name}]",
                              f"unknown section (known: {', '.join(sorted(sections))})")
-        built[name] = _section(path, name, hints[name], body)
-    cfg = Config(**built)
+        if name == "models":
+            if not isinstance(body, list):
+                raise InputError(f"{path}: models", "must be an array of tables: [[models]]")
+            built[name] = tuple(_section(path, f"models.{i}", ModelRoute, entry)
+                                for i, entry in enumerate(body))
+        else:
+            built[name] = _section(path, name, hints[name], body)
+    cfg = Config(**built, base_dir=base_dir)
     if cfg.score.clear_threshold > cfg.score.threshold:
         raise InputError(f"{path}: [score] clear_threshold",
                          "must not be above [score] threshold")
+    if cfg.mqtt.reconnect_min_s > cfg.mqtt.reconnect_max_s:
+        raise InputError(f"{path}: [mqtt] reconnect_min_s", "must not be above [mqtt] reconnect_max_s")
+    if cfg.mqtt.password_file and cfg.mqtt.password_env:
+        raise InputError(f"{path}: [mqtt] password_file", "give password_file or password_env, not both")
+    if bool(cfg.mqtt.cert_file) != bool(cfg.mqtt.key_file):
+        raise InputError(f"{path}: [mqtt] cert_file", "cert_file and key_file go together")
     return cfg
 
 
@@ -141,4 +261,4 @@ def load(path: str | Path | None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise InputError(str(p), f"not valid TOML: {err}") from None
-    return parse(raw, str(p))
+    return parse(raw, str(p), p.resolve().parent)

@@ -83,6 +83,7 @@ class Engine:
         self.kind = b.kind
         self.features = b.features
         self.n_features = len(self.features)
+        self.feature_index = {f: i for i, f in enumerate(self.features)}
         self.alpha = ewma_alpha(b.smoothing)
         self.threshold_error = b.calibration.error_at(score.threshold)
         self.model_ref = {"name": b.name, "version": b.version}

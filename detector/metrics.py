@@ -35,6 +35,8 @@ class Metrics:
     model_info: Gauge
     evicted: Counter
     batch_size: Histogram
+    checkpoint_failures: Counter
+    learned_models: Gauge
 
 
 def create(registry: CollectorRegistry | None = None) -> Metrics:
@@ -62,6 +64,10 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
                         registry=reg),
         batch_size=Histogram(name("batch_readings"), "Readings per scoring batch",
                              buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384), registry=reg),
+        checkpoint_failures=Counter(name("checkpoint_failures"), "Checkpoints that could not be written",
+                                    registry=reg),
+        learned_models=Gauge(name("learned_models"), "Streams scored by a model learned from the stream",
+                             registry=reg),
     )
 
 

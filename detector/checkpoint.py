@@ -1,0 +1,50 @@
+"""Atomic checkpoints of per-stream state: write, fsync, rename, fsync the folder.
+
+A reader sees the old file or the new one, never half of one, even across a power cut.
+A checkpoint that cannot be read is moved aside (``*.corrupt-<time>``) so the daemon
+starts fresh and the evidence is kept.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+def save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: Path) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """(arrays, None); (None, None) when there is no checkpoint; (None, problem) when it
+    was unreadable and has been moved aside."""
+    if not path.exists():
+        return None, None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}, None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as err:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            os.replace(path, aside)
+        except OSError:
+            aside = path
+        return None, f"unreadable checkpoint moved to {aside.name}: {err}"

@@ -1,0 +1,175 @@
+"""``anomaly-detector run``: the service lifecycle around ingest, worker and metrics.
+
+Start: load and check every configured model (a bad one stops the start with one line),
+start the embedded broker when ``[mqtt] host = "embedded"``, serve metrics, restore the
+checkpoint, connect, and tell systemd ``READY=1`` once subscribed.
+
+Signals: SIGTERM/SIGINT stop intake, drain the queue, checkpoint, publish ``offline``,
+disconnect and exit 0 within ``[worker] shutdown_timeout_s``; SIGHUP reloads the config
+and models between two batches, keeping every stream's state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from detector import config as config_mod
+from detector import sdnotify
+from detector.config import Config
+from detector.errors import InputError
+from detector.intake import Intake
+from detector.ingest import MqttLink
+from detector.metrics import Metrics, MetricsServer, create
+from detector.worker import Worker, load_models
+
+log = logging.getLogger("detector")
+
+STARTUP_WAIT_S = 10.0
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                               "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(cfg: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if cfg.log.format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.log.level.upper())
+    logging.getLogger("detector").setLevel(cfg.log.level.upper())
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: Path | None, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.metrics = metrics or create()
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        self.broker: Any = None
+        self.server: MetricsServer | None = None
+        self.learner: Any = None
+
+    # ---- start -------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        bundles = load_models(cfg)
+        host, port, protocol = cfg.mqtt.host, cfg.mqtt.port, None
+        if host == "embedded":
+            from detector.broker import EmbeddedBroker
+
+            self.broker = EmbeddedBroker("127.0.0.1", port)
+            try:
+                self.broker.start()
+            except RuntimeError as err:
+                raise InputError("[mqtt] port", str(err)) from None
+            host, port, protocol = "127.0.0.1", self.broker.port, "3.1.1"  # amqtt speaks 3.1.1
+            log.info("embedded MQTT broker listening on 127.0.0.1:%d", port)
+        state_dir = cfg.resolve(cfg.state.dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.learn.enabled:
+            from detector.learn import Learner
+
+            self.learner = Learner(cfg, state_dir / "models", cfg.learn.warmup_readings,
+                                   max_concurrent=cfg.learn.max_concurrent, timeout_s=cfg.learn.timeout_s,
+                                   retry_after_s=cfg.learn.retry_after_s)
+        self.intake = Intake(cfg.worker.queue_size, cfg.worker.overload)
+        self.link = MqttLink(cfg, host, port, self.intake, self.metrics, protocol)
+        self.worker = Worker(cfg, self.intake, self.metrics, self.link.publish, self.learner)
+        self.worker.install(cfg, bundles)
+        learned = self.worker.restore_learned()
+        restored = self.worker.restore()
+        log.info("%d model route(s), %d learned model(s), %d stream state(s) restored",
+                 len(cfg.models), learned, restored)
+        if cfg.metrics.enabled:
+            try:
+                self.server = MetricsServer(self.metrics, cfg.metrics.address, cfg.metrics.port, self.health)
+            except OSError as err:
+                raise InputError(f"[metrics] {cfg.metrics.address}:{cfg.metrics.port}",
+                                 f"cannot listen: {err.strerror or err}") from None
+            self.server.start()
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics.address, self.server.port)
+        self.worker.start()
+        self.link.start()
+
+    def health(self) -> tuple[bool, str]:
+        if not self.worker.alive():
+            return False, "worker not running"
+        if not self.link.connected.is_set():
+            return False, "broker disconnected"
+        return True, "ok"
+
+    # ---- run ---------------------------------------------------------------------
+    def _signals(self) -> None:
+        def stop(signum: int, frame: object) -> None:
+            self.stop_requested.set()
+
+        def reload(signum: int, frame: object) -> None:
+            self.reload_requested.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def run(self) -> int:
+        self._signals()
+        self.start()
+        if not self.link.subscribed.wait(STARTUP_WAIT_S):
+            log.warning("not subscribed after %.0f s; running, and reconnecting in the background",
+                        STARTUP_WAIT_S)
+        sdnotify.notify("READY=1")
+        log.info("running")
+        watchdog = sdnotify.watchdog_interval()
+        tick = min(watchdog or 1.0, 1.0)
+        while not self.stop_requested.wait(tick):
+            if watchdog is not None and self.worker.alive():
+                sdnotify.notify("WATCHDOG=1")
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self._reload()
+        return self.shutdown()
+
+    def _reload(self) -> None:
+        sdnotify.notify("RELOADING=1")
+        try:
+            cfg = config_mod.load(self.config_path) if self.config_path else self.cfg
+        except Exception as err:  # a broken edit must not take the service down
+            log.error("reload: keeping the running config: %s", err)
+        else:
+            self.worker.request_reload(cfg)
+            log.info("reload requested")
+        sdnotify.notify("READY=1")
+
+    def shutdown(self) -> int:
+        sdnotify.notify("STOPPING=1")
+        timeout = self.cfg.worker.shutdown_timeout_s
+        deadline = time.monotonic() + timeout
+        log.info("stopping: draining %d queued reading(s)", len(self.intake))
+        self.link.stop_intake()
+        if not self.worker.stop(max(deadline - time.monotonic(), 0.1)):
+            log.error("worker did not finish within %.0f s", timeout)
+        if self.learner is not None:
+            self.learner.close()
+        self.link.stop(max(deadline - time.monotonic(), 0.5))
+        if self.server is not None:
+            self.server.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        log.info("stopped")
+        return 0

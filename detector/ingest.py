@@ -1,0 +1,179 @@
+"""The MQTT side: subscribe, decode on paho's network thread, enqueue; publish alerts.
+
+paho calls ``on_message`` on its network thread: this module only decodes the payload
+and puts readings on the bounded :class:`~detector.intake.Intake`; all model work
+happens in the worker. An exception escaping a paho callback would silently end the
+network thread, so every callback catches, counts and logs instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from detector.config import Config
+from detector.errors import InputError
+from detector.intake import Intake, Item
+from detector.metrics import Metrics
+from detector.payloads import decode
+
+log = logging.getLogger("detector.mqtt")
+
+
+class RateLimitedLog:
+    """At most one line per ``interval`` seconds per kind, with the count it stood for."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, kind: str, msg: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(kind, -1e18) < self._interval:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                return
+            self._last[kind] = now
+            more = self._suppressed.pop(kind, 0)
+        log.warning("%s%s", msg, f" (+{more} more since the last such line)" if more else "")
+
+
+def _password(cfg: Config) -> str | None:
+    m = cfg.mqtt
+    if m.password_file:
+        path = cfg.resolve(m.password_file)
+        try:
+            return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as err:
+            raise InputError(f"[mqtt] password_file {path}", f"cannot read: {err.strerror or err}") from None
+    if m.password_env:
+        if m.password_env not in os.environ:
+            raise InputError("[mqtt] password_env", f"environment variable {m.password_env} is not set")
+        return os.environ[m.password_env]
+    return None
+
+
+class MqttLink:
+    def __init__(self, cfg: Config, host: str, port: int, intake: Intake, metrics: Metrics,
+                 protocol: str | None = None) -> None:
+        m = cfg.mqtt
+        self._cfg = cfg
+        self._host, self._port = host, port
+        self._intake = intake
+        self._metrics = metrics
+        self._v5 = (protocol or m.protocol) == "5"
+        self._invalid_log = RateLimitedLog(cfg.log.invalid_interval_s)
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        kwargs = {} if self._v5 else {"clean_session": not m.persistent_session}
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=m.client_id,
+                                  protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311, **kwargs)
+        status = cfg.alerts.status_topic
+        self.client.will_set(status, b"offline", qos=1, retain=True)
+        password = _password(cfg)
+        if m.username or password is not None:
+            self.client.username_pw_set(m.username or None, password)
+        if m.tls:
+            for key in ("ca_file", "cert_file", "key_file"):
+                value = getattr(m, key)
+                if value and not os.access(cfg.resolve(value), os.R_OK):
+                    raise InputError(f"[mqtt] {key} {cfg.resolve(value)}", "missing or unreadable")
+            self.client.tls_set(ca_certs=str(cfg.resolve(m.ca_file)) if m.ca_file else None,
+                                certfile=str(cfg.resolve(m.cert_file)) if m.cert_file else None,
+                                keyfile=str(cfg.resolve(m.key_file)) if m.key_file else None,
+                                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self.client.reconnect_delay_set(int(max(1, m.reconnect_min_s)), int(max(1, m.reconnect_max_s)))
+        # Alerts published while the broker is away wait in paho's queue; bounded so an
+        # outage cannot grow memory without limit.
+        self.client.max_queued_messages_set(10_000)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+
+    # ---- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        kwargs = {"clean_start": not self._cfg.mqtt.persistent_session} if self._v5 else {}
+        self.client.connect_async(self._host, self._port, keepalive=self._cfg.mqtt.keepalive_s, **kwargs)
+        self.client.loop_start()
+
+    def stop_intake(self) -> None:
+        """Stop taking readings (shutdown drains what is queued)."""
+        try:
+            self.client.unsubscribe(list(self._cfg.mqtt.topics))
+        except Exception:  # best effort: the intake is closed right after anyway
+            pass
+        self._intake.close()
+
+    def stop(self, timeout: float) -> None:
+        """Publish ``offline`` (retained), disconnect, stop the network thread."""
+        if self.connected.is_set():
+            info = self.publish(self._cfg.alerts.status_topic, b"offline", retain=True)
+            try:
+                info.wait_for_publish(timeout=timeout)
+            except (RuntimeError, ValueError):
+                log.warning("could not publish offline status before disconnecting")
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._metrics.mqtt_connected.set(0)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=1, retain=retain)
+
+    # ---- paho callbacks (network thread: never raise) ---------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
+                    reason: mqtt.ReasonCode, props: object = None) -> None:
+        try:
+            if reason.is_failure:
+                log.error("broker %s:%d refused the connection: %s", self._host, self._port, reason)
+                return
+            self.connected.set()
+            self._metrics.mqtt_connected.set(1)
+            log.info("connected to %s:%d", self._host, self._port)
+            # Subscribing here, not once at start, is what makes a reconnect resubscribe.
+            client.subscribe([(t, self._cfg.mqtt.qos) for t in self._cfg.mqtt.topics])
+        except Exception:
+            log.exception("error in on_connect")
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                      reasons: list[mqtt.ReasonCode], props: object = None) -> None:
+        try:
+            failed = [str(r) for r in reasons if r.is_failure]
+            if failed:
+                log.error("subscription refused: %s", ", ".join(failed))
+            self.publish(self._cfg.alerts.status_topic, b"online", retain=True)
+            self.subscribed.set()
+        except Exception:
+            log.exception("error in on_subscribe")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
+                       reason: mqtt.ReasonCode, props: object = None) -> None:
+        self.connected.clear()
+        self._metrics.mqtt_connected.set(0)
+        if reason.is_failure:
+            log.warning("disconnected from the broker (%s); reconnecting", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        try:
+            received = time.time()
+            readings, rejected = decode(msg.topic, msg.payload, received, self._cfg.mqtt.max_payload_bytes)
+            for r in rejected:
+                self._metrics.invalid.labels(reason=r.reason).inc()
+                self._invalid_log.warning(r.reason, f"invalid reading on {msg.topic!r}: {r.reason}: {r.detail}")
+            if readings:
+                dropped = self._intake.put([Item(r, received) for r in readings])
+                if dropped:
+                    self._metrics.dropped.labels(reason="queue_full").inc(dropped)
+                    self._invalid_log.warning("queue_full", f"queue full: dropped {dropped} reading(s)")
+        except Exception:
+            self._metrics.invalid.labels(reason="internal_error").inc()
+            log.exception("error handling a message on %r", getattr(msg, "topic", "?"))

@@ -1,0 +1,269 @@
+"""The daemon as users run it: a real process, a real broker, real HTTP scrapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from detector import plant
+from mqtt_broker import start_test_broker
+
+ROOT = Path(__file__).resolve().parents[1]
+DEADLINE = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(pred, what: str, deadline: float = DEADLINE):  # type: ignore[no-untyped-def]
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class Daemon:
+    def __init__(self, tmp: Path, broker_port: int, extra: str = "", learn: str = "enabled = false") -> None:
+        self.metrics_port = free_port()
+        self.config = tmp / "config.toml"
+        self.config.write_text(f"""
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+topics = ["sensors/#"]
+client_id = "detector-test-{os.getpid()}-{self.metrics_port}"
+[metrics]
+port = {self.metrics_port}
+[[models]]
+match = "sensors/plant/+"
+path = "{ROOT / 'models' / 'plant'}"
+[learn]
+{learn}
+[state]
+dir = "{tmp / 'state'}"
+checkpoint_interval_s = 1.0
+[score]
+clear_readings = 5
+{extra}
+""")
+        self.log = tmp / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "detector", "run", "--config", str(self.config)],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), cwd=ROOT)
+        wait_for(lambda: scrape(self.metrics_port, "/healthz")[0] == 200, "daemon healthy")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Listener:
+    def __init__(self, port: int, topics: list[str]) -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client.on_message = lambda c, u, m: self._add(m)
+        self.client.connect("127.0.0.1", port)
+        for t in topics:
+            self.client.subscribe(t, qos=1)
+        self.client.loop_start()
+
+    def _add(self, m: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append(m)
+
+    def on(self, topic_prefix: str) -> list[mqtt.MQTTMessage]:
+        with self.lock:
+            return [m for m in self.messages if m.topic.startswith(topic_prefix)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[object]:
+    handle = start_test_broker()
+    yield handle
+    handle.stop()
+
+
+def publish_all(port: int, items: list[tuple[str, bytes]]) -> None:
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    infos = [pub.publish(t, p, qos=1) for t, p in items]
+    for info in infos:
+        info.wait_for_publish(timeout=30)
+    pub.loop_stop()
+    pub.disconnect()
+
+
+def plant_messages(stream: str, n: int, seed: int, fault_at: int | None = None) -> list[tuple[str, bytes]]:
+    times, values = plant.normal(n, seed=seed)
+    if fault_at is not None:
+        values[fault_at: fault_at + 20, 1] += 3.0  # pressure far off for 20 readings
+    t0 = time.time() - n
+    return [(stream, json.dumps({"ts": t0 + i, "values": dict(zip(plant.FEATURES, values[i].tolist()))}).encode())
+            for i in range(n)]
+
+
+def test_daemon_scores_alerts_exports_metrics_and_shuts_down_cleanly(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
+    d = Daemon(tmp_path, broker.port)
+    listen = Listener(broker.port, ["anomalies/#", "anomaly-detector/status"])
+    d.start()
+    try:
+        wait_for(lambda: any(m.payload == b"online" for m in listen.on("anomaly-detector/status")), "online")
+        msgs = plant_messages("sensors/plant/pump-1", 400, seed=21, fault_at=300)
+        msgs += [("sensors/plant/pump-1", b"not json"), ("sensors/plant/pump-2", b'{"value": NaN}'),
+                 ("sensors/plant/pump-3", b'{"values": {"humidity": 3}}')]
+        msgs += plant_messages("sensors/plant/pump-2", 50, seed=22)
+        publish_all(broker.port, msgs)
+
+        def scored() -> str | None:
+            code, text = scrape(d.metrics_port)
+            return text if sample(text, "anomaly_detector_readings_total") >= 450 else None
+
+        text = wait_for(scored, "450 readings scored")
+        assert sample(text, "anomaly_detector_readings_total") == 450
+        assert 'anomaly_detector_invalid_readings_total{reason="bad_json"} 1.0' in text
+        assert 'anomaly_detector_invalid_readings_total{reason="bad_value"} 1.0' in text
+        assert 'anomaly_detector_invalid_readings_total{reason="feature_mismatch"} 1.0' in text
+        assert sample(text, "anomaly_detector_streams") == 2
+        assert sample(text, "anomaly_detector_mqtt_connected") == 1
+        assert 'anomaly_detector_model_info{model="plant"' in text
+        assert sample(text, "anomaly_detector_processing_seconds_count") == 450
+
+        starts = wait_for(lambda: [json.loads(m.payload) for m in listen.on("anomalies/sensors/plant/pump-1")
+                                   if json.loads(m.payload)["event"] == "anomaly_start"], "an alert")
+        fault = starts[-1]
+        assert set(fault) >= {"stream", "event", "ts", "score", "error", "threshold", "features", "model"}
+        assert fault["stream"] == "sensors/plant/pump-1" and fault["score"] >= 0.999
+        assert max(fault["features"], key=fault["features"].get) == "pressure"
+        assert fault["model"]["name"] == "plant"
+
+        d.signal(signal.SIGHUP)  # reload keeps the streams' state
+        wait_for(lambda: "reloaded" in d.logtext(), "reload")
+        assert sample(scrape(d.metrics_port)[1], "anomaly_detector_streams") == 2
+    finally:
+        code = d.stop()
+        listen.close()
+    assert code == 0
+    status = [m.payload for m in listen.on("anomaly-detector/status")]
+    assert status[-1] == b"offline"
+    assert (tmp_path / "state" / "checkpoints").is_dir()
+    assert "Traceback" not in d.logtext()
+
+    # A restart restores the checkpoint: both streams keep their state.
+    d2 = Daemon(tmp_path, broker.port)
+    d2.start()
+    try:
+        wait_for(lambda: "2 stream state(s) restored" in d2.logtext(), "restore")
+        # The retained status is back to online once it has resubscribed.
+        late = Listener(broker.port, ["anomaly-detector/status"])
+        wait_for(lambda: [m.payload for m in late.on("anomaly-detector/status")] == [b"online"], "online again")
+        late.close()
+    finally:
+        assert d2.stop() == 0
+
+
+def test_corrupt_checkpoint_is_moved_aside_and_the_daemon_starts_fresh(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
+    ckpt = tmp_path / "state" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "route-plant-0.npz").write_bytes(b"this is not a zip file")
+    d = Daemon(tmp_path, broker.port)
+    d.start()
+    assert d.stop() == 0
+    assert "unreadable checkpoint moved to" in d.logtext()
+    assert any(p.name.startswith("route-plant-0.npz.corrupt-") for p in ckpt.iterdir())
+
+
+def test_bad_config_and_bad_model_exit_2_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mqtt]\nport = 'x'\n")
+    proc = subprocess.run([sys.executable, "-m", "detector", "run", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "[mqtt] port" in proc.stderr and "Traceback" not in proc.stderr
+    missing = tmp_path / "missing.toml"
+    missing.write_text(f'[[models]]\nmatch = "a/#"\npath = "{tmp_path / "nope"}"\n')
+    proc = subprocess.run([sys.executable, "-m", "detector", "run", "--config", str(missing)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "nope" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_stream_with_no_model_learns_one_and_is_then_scored(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
+    d = Daemon(tmp_path, broker.port, learn="warmup_readings = 200", extra="""
+[model]
+hidden = 8
+bottleneck = 4
+[train]
+epochs = 2
+seq_len = 32
+""")
+    d.start()
+    try:
+        times, values = plant.normal(600, seed=31)
+        t0 = time.time() - 600
+        first = [("sensors/site/temp", json.dumps({"ts": t0 + i, "value": float(values[i, 0])}).encode())
+                 for i in range(200)]
+        publish_all(broker.port, first)
+        wait_for(lambda: "learned a model for sensors/site/temp" in d.logtext(), "a learned model", 300)
+        rest = [("sensors/site/temp", json.dumps({"ts": t0 + i, "value": float(values[i, 0])}).encode())
+                for i in range(200, 300)]
+        publish_all(broker.port, rest)
+        text = wait_for(lambda: (lambda t: t if sample(t, "anomaly_detector_readings_total") >= 100 else None)(
+            scrape(d.metrics_port)[1]), "learned stream scored")
+        assert sample(text, "anomaly_detector_readings_total") == 100
+        assert 'anomaly_detector_dropped_readings_total{reason="learning"} 200.0' in text
+        assert sample(text, "anomaly_detector_learned_models") == 1
+        assert 'model="learned"' in text
+    finally:
+        assert d.stop() == 0
+    index = json.loads((tmp_path / "state" / "learned.json").read_text())
+    assert list(index) == ["sensors/site/temp"] and Path(index["sensors/site/temp"]).is_dir()
