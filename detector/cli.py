@@ -69,6 +69,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from detector import demo
+
+    return demo.run(args)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from detector import simulate
+
+    return simulate.run(args)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from detector.worker import load_models
 
@@ -145,6 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", type=Path, metavar="FILE",
                    help="config file (default: ./config.toml if present, else built-in defaults)")
     d.set_defaults(func=cmd_run)
+
+    from detector import demo, simulate
+
+    dm = sub.add_parser(
+        "demo", help="embedded broker + simulated plant + the daemon, alerts printed",
+        description="Run everything in one process on loopback: an embedded MQTT broker, simulated "
+                    "pumps with faults injected now and then, the daemon with the shipped model "
+                    "(models/plant), and the alerts printed as they arrive. Ctrl-C stops it.")
+    demo.add_arguments(dm)
+    dm.set_defaults(func=cmd_demo)
+
+    sm = sub.add_parser(
+        "simulate", help="publish simulated sensor readings (load and fault generator)",
+        description="Publish simulated pumps (temperature, pressure, flow, vibration) to an MQTT "
+                    "broker at a fixed rate or flat out, injecting faults (spike, drift, stuck, "
+                    "disagree) now and then and printing each one.")
+    simulate.add_arguments(sm)
+    sm.set_defaults(func=cmd_simulate)
 
     c = sub.add_parser("check-config", help="validate a config file and the model bundles it names",
                        description="Validate a config file: unknown keys, wrong types and "

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,10 @@ def setup_logging(cfg: Config) -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, config_path: Path | None, metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg: Config, config_path: Path | None, metrics: Metrics | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
+        self.on_ready = on_ready
         self.config_path = config_path
         self.metrics = metrics or create()
         self.stop_requested = threading.Event()
@@ -135,6 +138,8 @@ class Daemon:
                         STARTUP_WAIT_S)
         sdnotify.notify("READY=1")
         log.info("running")
+        if self.on_ready is not None:
+            self.on_ready()
         watchdog = sdnotify.watchdog_interval()
         tick = min(watchdog or 1.0, 1.0)
         while not self.stop_requested.wait(tick):

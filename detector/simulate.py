@@ -32,6 +32,7 @@ FIRST_CHUNK_MIN = 256   # first chunks have random sizes so streams do not all r
 WINDOW = 1000           # messages handed to paho but not yet confirmed: our own backpressure
 DRAIN_TIMEOUT = 10.0    # seconds to wait at the end for the last publishes to complete
 CONNECT_TIMEOUT = 10.0
+MAX_BEHIND = 1.0       # seconds of schedule backlog caught up with bursts; more is skipped
 # Values are rounded for payload size; plant noise is far coarser than 1e-4.
 _ITEM = '{"ts": %r, "values": {' + ", ".join(f'"{f}": %r' for f in plant.FEATURES) + "}}"
 
@@ -200,6 +201,8 @@ class Simulator:
 
     def _connect(self) -> mqtt.Client:
         cfg = self.cfg
+        self._answered.clear()  # a Simulator may run again, continuing its streams
+        self._refused = None
         client = mqtt.Client(CallbackAPIVersion.VERSION2,
                              client_id=f"anomaly-simulate-{uuid.uuid4().hex[:12]}",
                              protocol=mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311)
@@ -237,6 +240,8 @@ class Simulator:
               pending: deque[tuple[mqtt.MQTTMessageInfo, int]], t0: float) -> None:
         cfg = self.cfg
         # A fixed schedule: a slow round is caught up, not added to every later interval.
+        # Backlog is capped at MAX_BEHIND, so a stall or an outage does not end in a burst
+        # of readings stamped with the same wall-clock time.
         step = cfg.batch / cfg.rate if cfg.rate > 0 else 0.0
         deadline = t0 + cfg.duration if cfg.duration is not None else math.inf
         due, live = t0, list(self._streams)
@@ -244,6 +249,7 @@ class Simulator:
             if not self._connected.is_set():
                 stop.wait(0.1)  # paho reconnects; publishing meanwhile would only lose readings
                 continue
+            due = max(due, time.monotonic() - MAX_BEHIND)
             now = time.time()
             for s in live:
                 n = cfg.batch if cfg.count is None else min(cfg.batch, cfg.count - s.sent)

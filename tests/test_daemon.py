@@ -267,3 +267,14 @@ seq_len = 32
         assert d.stop() == 0
     index = json.loads((tmp_path / "state" / "learned.json").read_text())
     assert list(index) == ["sensors/site/temp"] and Path(index["sensors/site/temp"]).is_dir()
+
+
+def test_demo_runs_prints_alerts_and_stops_cleanly() -> None:
+    proc = subprocess.run([sys.executable, "-m", "detector", "demo", "--duration", "20", "--rate", "20",
+                           "--fault-every", "3", "--mqtt-port", str(free_port()),
+                           "--metrics-port", str(free_port())],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "fault " in proc.stdout and "ALERT anomaly_start" in proc.stdout
+    assert proc.stdout.rstrip().endswith("demo: stopped")
+    assert "Traceback" not in proc.stderr
