@@ -83,6 +83,16 @@ def _port() -> dict[str, Any]:
     return _check(lambda v: 0 <= v <= 65535, "must be a port number (0-65535)")
 
 
+def _valid_stream_template(v: str) -> bool:
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+    except ValueError:
+        return False
+    return bool(fields) and all(f == "topic" or f.isdigit() for f in fields)
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     host: str = "embedded"
@@ -90,6 +100,8 @@ class MqttConfig:
     topics: tuple[str, ...] = field(default=("sensors/#",), metadata=_check(
         lambda v: len(v) > 0 and all(t for t in v), "must be a non-empty list of topic filters"))
     client_id: str = "anomaly-detector"
+    stream_id: str = field(default="{topic}", metadata=_check(_valid_stream_template,
+        "must be a format string using {topic} and/or topic levels {0}, {1}, ..."))
     protocol: str = field(default="5", metadata=_one_of("5", "3.1.1"))
     qos: int = field(default=1, metadata=_one_of(0, 1, 2))
     keepalive_s: int = field(default=60, metadata=_positive())

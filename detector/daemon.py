@@ -116,6 +116,8 @@ class Daemon:
             return False, "worker not running"
         if not self.link.connected.is_set():
             return False, "broker disconnected"
+        if not self.link.subscribed.is_set():
+            return False, "not subscribed yet"
         return True, "ok"
 
     # ---- run ---------------------------------------------------------------------

@@ -129,6 +129,17 @@ class MqttLink:
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=1, retain=retain)
 
+    def _stream_id(self, topic: str) -> str | None:
+        """The stream id for a topic: ``[mqtt] stream_id`` with ``{topic}`` and the topic's
+        levels ``{0}``, ``{1}``, ...; None when the topic has too few levels."""
+        template = self._cfg.mqtt.stream_id
+        if template == "{topic}":
+            return topic
+        try:
+            return template.format(*topic.split("/"), topic=topic)
+        except IndexError:
+            return None
+
     # ---- paho callbacks (network thread: never raise) ---------------------------
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
                     reason: mqtt.ReasonCode, props: object = None) -> None:
@@ -158,6 +169,7 @@ class MqttLink:
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                        reason: mqtt.ReasonCode, props: object = None) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         self._metrics.mqtt_connected.set(0)
         if reason.is_failure:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
@@ -165,7 +177,13 @@ class MqttLink:
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         try:
             received = time.time()
-            readings, rejected = decode(msg.topic, msg.payload, received, self._cfg.mqtt.max_payload_bytes)
+            stream = self._stream_id(msg.topic)
+            if stream is None:
+                self._metrics.invalid.labels(reason="bad_topic").inc()
+                self._invalid_log.warning("bad_topic", f"topic {msg.topic!r} does not fit "
+                                                       f"[mqtt] stream_id {self._cfg.mqtt.stream_id!r}")
+                return
+            readings, rejected = decode(stream, msg.payload, received, self._cfg.mqtt.max_payload_bytes)
             for r in rejected:
                 self._metrics.invalid.labels(reason=r.reason).inc()
                 self._invalid_log.warning(r.reason, f"invalid reading on {msg.topic!r}: {r.reason}: {r.detail}")

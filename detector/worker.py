@@ -69,13 +69,15 @@ class Worker:
     # ---- models ------------------------------------------------------------------
     def install(self, cfg: Config, bundles: dict[Path, bundle.Bundle]) -> None:
         """Use ``bundles`` for ``cfg``'s routes, keeping the state of every stream whose
-        model keeps its shape (a reload must not make every stream start over)."""
-        old = {self._engine_paths[id(e)]: e for _, e in self.models.routes}
+        route (same ``match``, or same bundle) keeps a model of the same shape: a reload or
+        a model swap must not make every stream start over."""
+        by_match = {m: e for m, e in self.models.routes}
+        by_path = {self._engine_paths[id(e)]: e for _, e in self.models.routes}
         routes = []
         for r in cfg.models:
             path = cfg.resolve(r.path)
             eng = Engine(bundles[path], cfg.score, cfg.engine)
-            prev = old.get(path)
+            prev = by_match.get(r.match) or by_path.get(path)
             if prev is not None:
                 try:
                     eng.restore(prev.snapshot())

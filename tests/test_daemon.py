@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
@@ -163,22 +165,24 @@ def test_daemon_scores_alerts_exports_metrics_and_shuts_down_cleanly(tmp_path: P
         msgs = plant_messages("sensors/plant/pump-1", 400, seed=21, fault_at=300)
         msgs += [("sensors/plant/pump-1", b"not json"), ("sensors/plant/pump-2", b'{"value": NaN}'),
                  ("sensors/plant/pump-3", b'{"values": {"humidity": 3}}')]
-        msgs += plant_messages("sensors/plant/pump-2", 50, seed=22)
+        # A normal pump, its readings sent as JSON arrays of 10: scored, and no alert.
+        normal = [json.loads(p) for _, p in plant_messages("sensors/plant/pump-2", 300, seed=22)]
+        msgs += [("sensors/plant/pump-2", json.dumps(normal[i: i + 10]).encode()) for i in range(0, 300, 10)]
         publish_all(broker.port, msgs)
 
         def scored() -> str | None:
             code, text = scrape(d.metrics_port)
-            return text if sample(text, "anomaly_detector_readings_total") >= 450 else None
+            return text if sample(text, "anomaly_detector_readings_total") >= 700 else None
 
-        text = wait_for(scored, "450 readings scored")
-        assert sample(text, "anomaly_detector_readings_total") == 450
+        text = wait_for(scored, "700 readings scored")
+        assert sample(text, "anomaly_detector_readings_total") == 700
         assert 'anomaly_detector_invalid_readings_total{reason="bad_json"} 1.0' in text
         assert 'anomaly_detector_invalid_readings_total{reason="bad_value"} 1.0' in text
         assert 'anomaly_detector_invalid_readings_total{reason="feature_mismatch"} 1.0' in text
         assert sample(text, "anomaly_detector_streams") == 2
         assert sample(text, "anomaly_detector_mqtt_connected") == 1
         assert 'anomaly_detector_model_info{model="plant"' in text
-        assert sample(text, "anomaly_detector_processing_seconds_count") == 450
+        assert sample(text, "anomaly_detector_processing_seconds_count") == 700
 
         starts = wait_for(lambda: [json.loads(m.payload) for m in listen.on("anomalies/sensors/plant/pump-1")
                                    if json.loads(m.payload)["event"] == "anomaly_start"], "an alert")
@@ -188,20 +192,34 @@ def test_daemon_scores_alerts_exports_metrics_and_shuts_down_cleanly(tmp_path: P
         assert max(fault["features"], key=fault["features"].get) == "pressure"
         assert fault["model"]["name"] == "plant"
 
-        d.signal(signal.SIGHUP)  # reload keeps the streams' state
+        assert not listen.on("anomalies/sensors/plant/pump-2")  # normal data: no alert
+
+        # SIGHUP swaps in another version of the model and keeps every stream's state.
+        swapped = tmp_path / "plant-v2"
+        shutil.copytree(ROOT / "models" / "plant", swapped)
+        manifest = json.loads((swapped / "manifest.json").read_text())
+        manifest["version"] = "v2-test"
+        (swapped / "manifest.json").write_text(json.dumps(manifest))
+        d.config.write_text(d.config.read_text().replace(str(ROOT / "models" / "plant"), str(swapped)))
+        d.signal(signal.SIGHUP)
         wait_for(lambda: "reloaded" in d.logtext(), "reload")
-        assert sample(scrape(d.metrics_port)[1], "anomaly_detector_streams") == 2
+        text = scrape(d.metrics_port)[1]
+        assert 'version="v2-test"' in text
+        assert sample(text, "anomaly_detector_streams") == 2
     finally:
         code = d.stop()
         listen.close()
     assert code == 0
     status = [m.payload for m in listen.on("anomaly-detector/status")]
     assert status[-1] == b"offline"
-    assert (tmp_path / "state" / "checkpoints").is_dir()
     assert "Traceback" not in d.logtext()
+    ckpt = tmp_path / "state" / "checkpoints" / "route-plant-v2-0.npz"
+    before = dict(np.load(ckpt))
+    assert sorted(before["streams"].tolist()) == ["sensors/plant/pump-1", "sensors/plant/pump-2"]
 
-    # A restart restores the checkpoint: both streams keep their state.
+    # A restart restores the checkpoint: each stream's state is what it was at shutdown.
     d2 = Daemon(tmp_path, broker.port)
+    d2.config.write_text(d.config.read_text().replace(str(d.metrics_port), str(d2.metrics_port)))
     d2.start()
     try:
         wait_for(lambda: "2 stream state(s) restored" in d2.logtext(), "restore")
@@ -211,6 +229,35 @@ def test_daemon_scores_alerts_exports_metrics_and_shuts_down_cleanly(tmp_path: P
         late.close()
     finally:
         assert d2.stop() == 0
+    after = dict(np.load(ckpt))
+    for key in ("streams", "h", "c", "pred", "smoothed", "count", "last_ts", "in_episode"):
+        np.testing.assert_array_equal(before[key], after[key])
+
+
+def test_broker_restart_mid_stream_reconnects_resubscribes_and_goes_on(tmp_path: Path) -> None:
+    own = start_test_broker()  # this test restarts its broker: not the shared one
+    if own.kind != "mosquitto":
+        own.stop()
+        pytest.skip("restarting the broker mid-test needs mosquitto")
+    d = Daemon(tmp_path, own.port)
+    d.start()
+    try:
+        msgs = plant_messages("sensors/plant/pump-9", 200, seed=23)
+        publish_all(own.port, msgs[:100])
+        wait_for(lambda: sample(scrape(d.metrics_port)[1], "anomaly_detector_readings_total") >= 100, "first 100")
+        own.restart(down_for=2.0)
+        wait_for(lambda: sample(scrape(d.metrics_port)[1], "anomaly_detector_mqtt_connected") == 0
+                 or "disconnected" in d.logtext(), "the outage noticed")
+        wait_for(lambda: scrape(d.metrics_port, "/healthz")[0] == 200, "reconnected")
+        publish_all(own.port, msgs[100:])
+        wait_for(lambda: sample(scrape(d.metrics_port)[1], "anomaly_detector_readings_total") >= 200,
+                 "scoring after the restart")
+        text = scrape(d.metrics_port)[1]
+        assert sample(text, "anomaly_detector_readings_total") == 200
+        assert "anomaly_detector_invalid_readings_total{" not in text  # nothing lost or rejected
+    finally:
+        assert d.stop() == 0
+        own.stop()
 
 
 def test_corrupt_checkpoint_is_moved_aside_and_the_daemon_starts_fresh(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
