@@ -69,18 +69,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from detector import demo
-
-    return demo.run(args)
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from detector import simulate
-
-    return simulate.run(args)
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
     from detector.worker import load_models
 
@@ -166,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "pumps with faults injected now and then, the daemon with the shipped model "
                     "(models/plant), and the alerts printed as they arrive. Ctrl-C stops it.")
     demo.add_arguments(dm)
-    dm.set_defaults(func=cmd_demo)
+    dm.set_defaults(func=demo.run)
 
     sm = sub.add_parser(
         "simulate", help="publish simulated sensor readings (load and fault generator)",
@@ -174,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "broker at a fixed rate or flat out, injecting faults (spike, drift, stuck, "
                     "disagree) now and then and printing each one.")
     simulate.add_arguments(sm)
-    sm.set_defaults(func=cmd_simulate)
+    sm.set_defaults(func=simulate.run)
 
     c = sub.add_parser("check-config", help="validate a config file and the model bundles it names",
                        description="Validate a config file: unknown keys, wrong types and "

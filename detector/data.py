@@ -13,12 +13,12 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from detector.errors import InputError
+from detector.timeparse import epoch_seconds, iso_epoch
 
 LABEL_COLUMNS = frozenset({"anomaly", "changepoint", "label", "labels", "is_anomaly"})
 TIME_NAMES = frozenset({"timestamp", "time", "datetime", "date", "ts"})
@@ -50,15 +50,10 @@ def parse_time(text: str) -> float:
     try:
         v = float(s)
     except ValueError:
-        pass
-    else:
-        if not math.isfinite(v):
-            raise ValueError(f"time {text!r} is not finite")
-        return v / 1000.0 if abs(v) > 1e11 else v
-    dt = datetime.fromisoformat(s.replace("Z", "+00:00") if s.endswith("Z") else s)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+        return iso_epoch(s)
+    if not math.isfinite(v):
+        raise ValueError(f"time {text!r} is not finite")
+    return epoch_seconds(v)
 
 
 def _is_iso_time(text: str) -> bool:

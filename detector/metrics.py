@@ -14,9 +14,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from detector.payloads import REASONS as PAYLOAD_REASONS
+
 PREFIX = "anomaly_detector"
 
 # Receive-to-scored latency buckets: the worker batches for a few milliseconds at most.
+# Every label value the daemon uses, created at 0 on start: a rule like
+# rate(...{reason="queue_full"}[5m]) > 0 needs the series to exist before the first drop.
+INVALID_REASONS = PAYLOAD_REASONS + ("bad_topic", "feature_mismatch", "duplicate", "out_of_order",
+                                     "future_timestamp", "missing_values")
+DROPPED_REASONS = ("queue_full", "learning", "no_model", "internal_error")
+EVENTS = ("anomaly_start", "anomaly_end")
+EVICTION_REASONS = ("idle", "max_streams")
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -37,6 +47,7 @@ class Metrics:
     batch_size: Histogram
     checkpoint_failures: Counter
     learned_models: Gauge
+    reload_failures: Counter
 
 
 def create(registry: CollectorRegistry | None = None) -> Metrics:
@@ -45,7 +56,7 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
     def name(n: str) -> str:
         return f"{PREFIX}_{n}"
 
-    return Metrics(
+    m = Metrics(
         registry=reg,
         readings=Counter(name("readings"), "Readings scored", registry=reg),
         invalid=Counter(name("invalid_readings"), "Readings rejected, by reason", ["reason"], registry=reg),
@@ -68,7 +79,14 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
                                     registry=reg),
         learned_models=Gauge(name("learned_models"), "Streams scored by a model learned from the stream",
                              registry=reg),
+        reload_failures=Counter(name("reload_failures"), "SIGHUP reloads that kept the old models",
+                                registry=reg),
     )
+    for counter, values, label in ((m.invalid, INVALID_REASONS, "reason"), (m.dropped, DROPPED_REASONS, "reason"),
+                                   (m.alerts, EVENTS, "event"), (m.evicted, EVICTION_REASONS, "reason")):
+        for v in values:
+            counter.labels(**{label: v})
+    return m
 
 
 class MetricsServer:

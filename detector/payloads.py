@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
+
+from detector.timeparse import epoch_seconds, iso_epoch
 
 TOO_LARGE = "too_large"          # payload over max_bytes; judged before any decoding
 EMPTY = "empty"                  # zero bytes or whitespace only (e.g. a retained-message clear)
@@ -36,8 +37,6 @@ INTERNAL_ERROR = "internal_error"  # a bug in this module; costs one message, no
 REASONS: tuple[str, ...] = (TOO_LARGE, EMPTY, NOT_UTF8, BAD_JSON, BAD_VALUE,
                             BAD_TIMESTAMP, BAD_SHAPE, INTERNAL_ERROR)
 
-# 1e11 s is the year 5138 and 1e11 ms is 1973, so no realistic timestamp is ambiguous.
-_MS_THRESHOLD = 1e11
 _DETAIL_MAX = 160
 
 
@@ -168,13 +167,10 @@ def _timestamp(raw: Any, received: float) -> float:
     if type(raw) is float:  # bool is excluded by the exact type check
         if not math.isfinite(raw):
             raise _Invalid(BAD_TIMESTAMP, f"ts is {raw!r}, not finite")
-        return raw / 1000.0 if raw > _MS_THRESHOLD else raw
+        return epoch_seconds(raw)
     if isinstance(raw, str):
         try:
-            when = datetime.fromisoformat(raw)
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=timezone.utc)
-            return when.timestamp()
+            return iso_epoch(raw)
         except (ValueError, OverflowError) as exc:
             raise _Invalid(BAD_TIMESTAMP, f"ts {raw[:40]!r} is not ISO 8601 ({exc})") from None
     raise _Invalid(BAD_TIMESTAMP, f"ts is {_describe(raw)}, not epoch seconds or ISO 8601")

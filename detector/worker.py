@@ -162,7 +162,7 @@ class Worker:
                 log.info("reloaded: %d model route(s)", len(cfg.models))
             except Exception as err:  # keep the models we have
                 log.error("reload failed, keeping the current models: %s", err)
-                self.metrics.invalid.labels(reason="reload_failed").inc()
+                self.metrics.reload_failures.inc()
         if self.learner is not None:
             self._collect_learned()
         if time.monotonic() >= self._next_checkpoint:
