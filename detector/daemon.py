@@ -135,9 +135,12 @@ class Daemon:
     def run(self) -> int:
         self._signals()
         self.start()
-        if not self.link.subscribed.wait(STARTUP_WAIT_S):
-            log.warning("not subscribed after %.0f s; running, and reconnecting in the background",
-                        STARTUP_WAIT_S)
+        deadline = time.monotonic() + STARTUP_WAIT_S
+        while not (self.link.subscribed.wait(0.1) or self.stop_requested.is_set()):
+            if time.monotonic() > deadline:
+                log.warning("not subscribed after %.0f s; running, and reconnecting in the background",
+                            STARTUP_WAIT_S)
+                break
         sdnotify.notify("READY=1")
         log.info("running")
         if self.on_ready is not None:

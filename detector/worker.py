@@ -74,6 +74,7 @@ class Worker:
         by_match = {m: e for m, e in self.models.routes}
         by_path = {self._engine_paths[id(e)]: e for _, e in self.models.routes}
         routes = []
+        paths: dict[int, Path] = {}
         for r in cfg.models:
             path = cfg.resolve(r.path)
             eng = Engine(bundles[path], cfg.score, cfg.engine)
@@ -83,9 +84,10 @@ class Worker:
                     eng.restore(prev.snapshot())
                 except ValueError as err:
                     log.warning("model %s changed shape; its streams start over: %s", path, err)
-            self._engine_paths[id(eng)] = path
+            paths[id(eng)] = path
             routes.append((r.match, eng))
         self.models.routes = routes
+        self._engine_paths = paths
         self.cfg = cfg
         self._route_cache.clear()
         self.metrics.model_info.clear()
