@@ -14,7 +14,6 @@ import json
 import socket
 import tempfile
 import threading
-import time
 from datetime import datetime
 from pathlib import Path
 
