@@ -146,7 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config file (default: ./config.toml if present, else built-in defaults)")
     d.set_defaults(func=cmd_run)
 
-    from detector import demo, simulate
+    from detector import demo, evaluate, simulate
+
+    ev = sub.add_parser(
+        "evaluate", help="score SCORES.csv against labels: point F1/FAR/MAR and the NAB score",
+        description="Compare replay output with labels (a label column of the data files, one per "
+                    "--scores, matched row by row or by timestamp; or NAB windows JSON). Prints "
+                    "precision/recall/F1/FAR/MAR per file and for all files concatenated, and the NAB "
+                    "score for its three profiles (probationary period, scaled-sigmoid credit for the "
+                    "earliest detection per window, one threshold per profile optimised over all "
+                    "files, null detector = 0, perfect = 100).")
+    evaluate.add_arguments(ev)
+    ev.set_defaults(func=evaluate.run)
 
     dm = sub.add_parser(
         "demo", help="embedded broker + simulated plant + the daemon, alerts printed",

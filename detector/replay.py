@@ -36,7 +36,7 @@ def write_scores(path: Path, table: Table, scored: Scored) -> None:
         w.writerow(["timestamp", *table.features, "error", "score", "anomaly"])
         for i in range(len(table)):
             w.writerow([table.time_text[i], *(num(v) for v in table.values[i]),
-                        num(scored.error[i]), f"{scored.score[i]:.6f}", int(scored.flag[i])])
+                        num(scored.error[i]), num(scored.score[i]), int(scored.flag[i])])
 
 
 def run(data: Path, out: Path, cfg: Config, model: Path | None = None, train_rows: int | None = None,
