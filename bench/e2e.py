@@ -1,0 +1,289 @@
+"""End to end through a real Mosquitto: throughput, latency, memory and start-up.
+
+    python bench/e2e.py [--streams 1000] [--seconds 10] [--quick]
+
+In one run, on this machine (all on loopback):
+  * the bare paho subscriber's rate (decode JSON, count) for publishes flat out — the
+    ceiling — and the daemon's scoring rate for the same load, QoS 0 and 1, single-reading
+    and batched messages; the daemon's run counts as sustained only with zero loss
+    (``readings_total`` = published, nothing dropped or rejected);
+  * receive → scored latency (``processing_seconds``) p50/p99 at half the daemon's rate;
+  * the daemon's RSS idle and holding state for 1k/10k/100k streams;
+  * start-up: process start to ``READY=1`` over ``NOTIFY_SOCKET``.
+The load comes from ``anomaly-detector simulate`` in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from mqtt_broker import free_port, start_test_broker  # noqa: E402
+
+SUBSCRIBER = r"""
+import json, sys, time, threading
+import paho.mqtt.client as mqtt
+port, expect, qos = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+seen = {"n": 0, "first": None, "last": None}
+done = threading.Event()
+def on_message(c, u, m):
+    body = json.loads(m.payload)
+    seen["n"] += len(body) if isinstance(body, list) else 1
+    now = time.perf_counter()
+    seen["first"] = seen["first"] or now
+    seen["last"] = now
+    if seen["n"] >= expect:
+        done.set()
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+c.on_message = on_message
+c.on_connect = lambda c, u, f, r, p=None: c.subscribe("sensors/#", qos=qos)
+c.connect("127.0.0.1", port)
+c.loop_start()
+print("ready", flush=True)
+done.wait(120)
+c.loop_stop()
+span = (seen["last"] or 0) - (seen["first"] or 0)
+print(f"{seen['n']} {span}", flush=True)
+"""
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("anomaly_detector_"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def total(m: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in m.items() if k.startswith(prefix))
+
+
+def quantile(before: dict[str, float], after: dict[str, float], q: float) -> float:
+    """A quantile of processing_seconds from the bucket counts added between two scrapes."""
+    buckets = []
+    for k, v in after.items():
+        if k.startswith("anomaly_detector_processing_seconds_bucket"):
+            le = k.split('le="')[1].rstrip('"}')
+            buckets.append((float("inf") if le == "+Inf" else float(le), v - before.get(k, 0.0)))
+    buckets.sort()
+    n = buckets[-1][1]
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= q * n:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((q * n - prev_c) / max(c - prev_c, 1e-9))
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Daemon:
+    def __init__(self, tmp: Path, broker_port: int, max_streams: int = 200_000) -> None:
+        self.metrics_port = free_port()
+        cfg = tmp / "config.toml"
+        cfg.write_text(f"""
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+qos = 1
+[metrics]
+port = {self.metrics_port}
+[[models]]
+match = "sensors/plant/+"
+path = "{ROOT / 'models' / 'plant'}"
+[learn]
+enabled = false
+[state]
+dir = "{tmp / 'state'}"
+checkpoint_interval_s = 3600
+[engine]
+max_streams = {max_streams}
+[worker]
+queue_size = 1000000
+[log]
+level = "warning"
+""")
+        notify = tmp / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(notify))
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify), OPENBLAS_NUM_THREADS="1")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "detector", "run", "--config", str(cfg)],
+                                     env=env, cwd=ROOT, stderr=open(tmp / "daemon.log", "w"))
+        self.sock.settimeout(60)
+        while self.sock.recv(256) != b"READY=1":
+            pass
+        self.startup_s = time.perf_counter() - t0
+
+    def wait_scored(self, n: float, timeout: float = 300) -> dict[str, float]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            m = scrape(self.metrics_port)
+            if m.get("anomaly_detector_readings_total", 0) >= n:
+                return m
+            time.sleep(0.05)
+        return scrape(self.metrics_port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.sock.close()
+
+
+def simulate(port: int, streams: int, count: int, qos: int, batch: int, rate: float = 0.0,
+             prefix: str = "sensors/plant") -> tuple[int, float]:
+    """Publish ``count`` readings per stream; (readings confirmed, publisher seconds)."""
+    out = subprocess.run([sys.executable, "-m", "detector", "simulate", "--broker", f"127.0.0.1:{port}",
+                          "--streams", str(streams), "--count", str(count), "--rate", str(rate),
+                          "--qos", str(qos), "--batch", str(batch), "--fault-every", "0",
+                          "--topic-prefix", prefix, "--mqtt-version", "3.1.1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    line = out.stdout.strip().splitlines()[-1]  # "simulate: N readings in M messages over S s ..."
+    words = line.split()
+    return int(words[1]), float(words[words.index("over") + 1])
+
+
+def lean_publish(port: int, n: int, prefix: str) -> None:
+    """One reading on each of ``n`` new stream topics, QoS 1: the memory points need many
+    streams, not many readings, and the simulator's per-stream history would dominate."""
+    import json
+
+    import paho.mqtt.client as mqtt
+
+    from detector import plant
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    payload = json.dumps({"values": dict(zip(plant.FEATURES, (30.0, 2.9, 30.0, 0.58)))}).encode()
+    last = None
+    for i in range(n):
+        last = c.publish(f"{prefix}/m{i}", payload, qos=1)
+        if i % 1000 == 999:
+            last.wait_for_publish(60)
+    if last is not None:
+        last.wait_for_publish(60)
+    c.loop_stop()
+    c.disconnect()
+
+
+def bare_rate(port: int, streams: int, count: int, qos: int, batch: int) -> float:
+    n = streams * count
+    sub = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, str(port), str(n), str(qos)],
+                           stdout=subprocess.PIPE, text=True)
+    assert sub.stdout is not None
+    sub.stdout.readline()
+    time.sleep(0.5)
+    simulate(port, streams, count, qos, batch)
+    got, span = sub.stdout.readline().split()
+    sub.wait(30)
+    return int(got) / max(float(span), 1e-9)
+
+
+def daemon_rate(d: Daemon, port: int, streams: int, count: int, qos: int, batch: int) -> tuple[float, bool]:
+    """Readings scored per second between the first and the last reading of the run being
+    scored (as the bare subscriber is timed: the publisher's start-up is not counted)."""
+    import threading
+
+    before = scrape(d.metrics_port)
+    start_n = before.get("anomaly_detector_readings_total", 0)
+    result: list[int] = []
+    pub = threading.Thread(target=lambda: result.append(simulate(port, streams, count, qos, batch)[0]))
+    pub.start()
+    t_first = t_last = None
+    last_n = start_n
+    while pub.is_alive() or (result and last_n < start_n + result[0]):
+        n = scrape(d.metrics_port).get("anomaly_detector_readings_total", 0)
+        now = time.perf_counter()
+        if n > start_n and t_first is None:
+            t_first = now
+        if n > last_n:
+            t_last, last_n = now, n
+        if not pub.is_alive() and t_last is not None and now - t_last > 10:
+            break  # nothing more is coming: some readings were lost
+        time.sleep(0.01)
+    pub.join()
+    after = scrape(d.metrics_port)
+    scored = after.get("anomaly_detector_readings_total", 0) - start_n
+    lost = (total(after, "anomaly_detector_dropped_readings_total")
+            - total(before, "anomaly_detector_dropped_readings_total")
+            + total(after, "anomaly_detector_invalid_readings_total")
+            - total(before, "anomaly_detector_invalid_readings_total"))
+    zero_loss = bool(result) and scored == result[0] and lost == 0
+    return scored / max((t_last or 0) - (t_first or 0), 1e-9), zero_loss
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=1000)
+    ap.add_argument("--count", type=int, default=20, help="readings per stream per throughput run")
+    ap.add_argument("--quick", action="store_true", help="skip the 100k-stream memory point")
+    args = ap.parse_args()
+    broker = start_test_broker()
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}; "
+          f"broker: {broker.kind}; everything on loopback, one process each")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Daemon(Path(tmp), broker.port)
+            try:
+                print(f"start-up to READY=1: {d.startup_s:.2f} s")
+                time.sleep(1)
+                print(f"RSS idle: {rss_mb(d.proc.pid):.0f} MB")
+                print(f"\n{'messages':10s} {'qos':>3s} {'bare sub/s':>11s} {'daemon/s':>10s} {'ratio':>6s} zero-loss")
+                rates = {}
+                for batch in (1, 100):
+                    for qos in (0, 1):
+                        count = args.count if batch == 1 else args.count * 20
+                        bare = bare_rate(broker.port, args.streams, count, qos, batch)
+                        rate, ok = daemon_rate(d, broker.port, args.streams, count, qos, batch)
+                        rates[(batch, qos)] = rate
+                        label = "single" if batch == 1 else f"batch {batch}"
+                        print(f"{label:10s} {qos:3d} {bare:11.0f} {rate:10.0f} {rate / bare:6.2f} {ok}")
+                half = rates[(1, 0)] / 2
+                per_stream = half / args.streams
+                before = scrape(d.metrics_port)
+                simulate(broker.port, args.streams, max(int(per_stream * 10), 5), 0, 1, rate=per_stream)
+                after = d.wait_scored(0)
+                print(f"\nlatency at {half:.0f} readings/s (half the QoS 0 single-reading rate), receive -> "
+                      f"scored: p50 {1000 * quantile(before, after, 0.5):.2f} ms, "
+                      f"p99 {1000 * quantile(before, after, 0.99):.2f} ms")
+                held = int(scrape(d.metrics_port).get("anomaly_detector_streams", 0))
+                print(f"RSS with {held} streams: {rss_mb(d.proc.pid):.0f} MB")
+                for n in (10_000,) + (() if args.quick else (100_000,)):
+                    lean_publish(broker.port, n - held, "sensors/plant")
+                    end = time.monotonic() + 120
+                    while scrape(d.metrics_port).get("anomaly_detector_streams", 0) < n and time.monotonic() < end:
+                        time.sleep(0.2)
+                    held = int(scrape(d.metrics_port).get("anomaly_detector_streams", 0))
+                    print(f"RSS with {held} streams: {rss_mb(d.proc.pid):.0f} MB")
+            finally:
+                d.stop()
+    finally:
+        broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
