@@ -100,6 +100,9 @@ class Daemon:
         restored = self.worker.restore()
         log.info("%d model route(s), %d learned model(s), %d stream state(s) restored",
                  len(cfg.models), learned, restored)
+        # Computed at scrape time: a stuck worker cannot freeze these at a healthy value.
+        self.metrics.queue_depth.set_function(lambda: len(self.intake))
+        self.metrics.healthy.set_function(lambda: float(self.health()[0]))
         if cfg.metrics.enabled:
             try:
                 self.server = MetricsServer(self.metrics, cfg.metrics.address, cfg.metrics.port, self.health)

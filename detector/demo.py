@@ -106,7 +106,7 @@ def _start_side(daemon: Daemon, args: argparse.Namespace, sim_config: type, simu
               f" for {fault.length} reading(s)", flush=True)
 
     sim = simulator(sim_config(port=port, streams=args.streams, rate=args.rate,
-                               fault_every=args.fault_every, topic_prefix="sensors/plant"), on_fault)
+                               fault_every=args.fault_every), on_fault)
     stop = daemon.stop_requested
 
     def simulate() -> None:

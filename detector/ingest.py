@@ -72,6 +72,7 @@ class MqttLink:
         self._metrics = metrics
         self._v5 = (protocol or m.protocol) == "5"
         self._invalid_log = RateLimitedLog(cfg.log.invalid_interval_s)
+        self._connect_fail_log = RateLimitedLog(60.0)
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         kwargs = {} if self._v5 else {"clean_session": not m.persistent_session}
@@ -96,6 +97,7 @@ class MqttLink:
         # outage cannot grow memory without limit.
         self.client.max_queued_messages_set(10_000)
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
@@ -154,6 +156,12 @@ class MqttLink:
             client.subscribe([(t, self._cfg.mqtt.qos) for t in self._cfg.mqtt.topics])
         except Exception:
             log.exception("error in on_connect")
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        # Refused TCP, DNS or TLS failures end here, not in on_connect: say so, or an
+        # unreachable broker would only show as "not subscribed".
+        self._connect_fail_log.warning("connect", f"cannot connect to {self._host}:{self._port}; "
+                                                  "retrying with back-off")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
                       reasons: list[mqtt.ReasonCode], props: object = None) -> None:

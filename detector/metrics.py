@@ -48,6 +48,7 @@ class Metrics:
     checkpoint_failures: Counter
     learned_models: Gauge
     reload_failures: Counter
+    healthy: Gauge
 
 
 def create(registry: CollectorRegistry | None = None) -> Metrics:
@@ -81,6 +82,8 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
                              registry=reg),
         reload_failures=Counter(name("reload_failures"), "SIGHUP reloads that kept the old models",
                                 registry=reg),
+        healthy=Gauge(name("healthy"), "1 while /healthz would answer 200 (worker alive, subscribed)",
+                      registry=reg),
     )
     for counter, values, label in ((m.invalid, INVALID_REASONS, "reason"), (m.dropped, DROPPED_REASONS, "reason"),
                                    (m.alerts, EVENTS, "event"), (m.evicted, EVICTION_REASONS, "reason")):

@@ -19,7 +19,8 @@ def notify(state: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(addr)
-            sock.sendall(state.encode())
+            # Never block: a manager that is slow to read must not hold up SIGTERM handling.
+            sock.send(state.encode(), socket.MSG_DONTWAIT)
         return True
     except OSError:
         return False

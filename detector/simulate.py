@@ -51,7 +51,7 @@ class SimConfig:
     rate: float = 1.0             # readings per second per stream; 0 = as fast as possible
     duration: float | None = None  # seconds; None = until stopped
     count: int | None = None      # readings per stream, then stop
-    topic_prefix: str = "sensors"
+    topic_prefix: str = "sensors/plant"  # the shipped config routes sensors/plant/+ to models/plant
     fault_every: float = 60.0     # mean seconds between fault starts per stream (0 = none)
     batch: int = 1                # readings per MQTT message (>1: JSON array payload)
     qos: int = 0

@@ -152,7 +152,6 @@ class Worker:
                     self.metrics.dropped.labels(reason="internal_error").inc(len(items))
             elif self._stop.is_set():
                 break
-            self.metrics.queue_depth.set(len(self.intake))
             self._between_batches()
         self.checkpoint()
 
