@@ -134,7 +134,11 @@ def fit(tables: list[Table], out: Path, cfg: Config, name: str | None = None,
         f"bottleneck {mc.bottleneck}; {len(x)} windows of {seq_len} steps, "
         f"{sum(len(s) for s in va)} validation rows")
 
-    from detector import model as kmodel  # TensorFlow loads here, not before
+    try:
+        from detector import model as kmodel  # TensorFlow loads here, not before
+    except ImportError as err:  # a scoring-only install (docs/install.md)
+        raise InputError("train", f"training needs TensorFlow and Keras ({err}): "
+                                  "pip install 'tensorflow-cpu>=2.21,<2.22' 'keras>=3.10,<4'") from None
 
     keras = kmodel.keras
     keras.utils.set_random_seed(tc.seed)
