@@ -164,6 +164,7 @@ class Daemon:
             cfg = config_mod.load(self.config_path) if self.config_path else self.cfg
         except Exception as err:  # a broken edit must not take the service down
             log.error("reload: keeping the running config: %s", err)
+            self.metrics.reload_failures.inc()
         else:
             self.worker.request_reload(cfg)
             log.info("reload requested")
