@@ -61,6 +61,13 @@ class Calibration:
             s = float(self.quantiles[-1] - self.tail_beta * np.log((1.0 - score) / TAIL_FRACTION))
         return float(np.exp(s) - _EPS)
 
+    def log_stats(self) -> tuple[float, float]:
+        """Centre and spread of held-out log-error, robustly: the median and half the
+        16th-84th percentile range (one standard deviation for a normal distribution):
+        where a stream's long-run statistics start (see :func:`likelihood`)."""
+        lo, mid, hi = np.interp([0.1587, 0.5, 0.8413], self.probs, self.quantiles)
+        return float(mid), max(float(hi - lo) / 2.0, 1e-3)
+
     def to_json(self) -> dict:
         return {"probs": self.probs.tolist(), "quantiles": self.quantiles.tolist(),
                 "tail_beta": self.tail_beta, "tail_fraction": TAIL_FRACTION, "n": self.n}
@@ -69,3 +76,77 @@ class Calibration:
     def from_json(cls, d: dict) -> "Calibration":
         return cls(np.asarray(d["probs"], dtype=np.float64),
                    np.asarray(d["quantiles"], dtype=np.float64), float(d["tail_beta"]), int(d["n"]))
+
+
+# ---- per-stream anomaly likelihood ---------------------------------------------------
+
+# Log-errors are clipped to this range before they enter the running statistics, so a
+# NaN or infinite reading cannot poison a stream's state.
+LOG_ERROR_RANGE = (float(np.log(_EPS)), 30.0)
+
+
+def norm_sf(x: np.ndarray) -> np.ndarray:
+    """Gaussian upper tail Q(x) = P(N(0,1) > x), elementwise, with relative error below
+    1.2e-7 everywhere (Numerical Recipes' erfc), so tiny tail probabilities stay distinct."""
+    x = np.asarray(x, dtype=np.float64)
+    z = np.abs(x) / np.sqrt(2.0)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277))))))))
+    erfc = t * np.exp(poly)
+    return np.where(x >= 0, 0.5 * erfc, 1.0 - 0.5 * erfc)
+
+
+def log_error(errors: np.ndarray) -> np.ndarray:
+    """Log of the (smoothed) error, finite: what the likelihood statistics are kept on."""
+    s = np.log(np.asarray(errors, dtype=np.float64) + _EPS)
+    s = np.where(np.isnan(s), LOG_ERROR_RANGE[1], s)
+    return np.clip(s, *LOG_ERROR_RANGE)
+
+
+Z_TAIL = 1.6448536269514722  # the standard normal's 95th percentile: where the tail starts
+
+
+def likelihood(recent: np.ndarray, mean: np.ndarray, var: np.ndarray, excess: np.ndarray,
+               min_std: float | np.ndarray) -> np.ndarray:
+    """Anomaly likelihood of the recent average log-error under the stream's long-run
+    statistics of it: mean, variance, and mean excess over its 95th percentile.
+
+    Below ``mean + Z_TAIL * std`` the distribution is taken as Gaussian (as Numenta's
+    anomaly likelihood does); beyond it as the stream's own exponential tail (as SPOT's
+    peaks over threshold): ``1 - TAIL_FRACTION * exp(-(recent - u) / excess)``, so a
+    stream whose normal errors have heavy tails needs a larger excursion for the same
+    score, and scores compare across streams. std is floored at ``min_std``, the excess
+    at a quarter of std."""
+    std = np.maximum(np.sqrt(np.maximum(var, 0.0)), min_std)
+    u = mean + Z_TAIL * std
+    beta = np.maximum(excess, 0.25 * std)
+    body = 1.0 - norm_sf((recent - mean) / std)
+    tail = 1.0 - TAIL_FRACTION * np.exp(-np.maximum(recent - u, 0.0) / beta)
+    return np.where(recent > u, tail, body)
+
+
+def follow(dev: np.ndarray, var: np.ndarray, excess: np.ndarray, a: np.ndarray,
+           min_std: float) -> tuple[np.ndarray, np.ndarray]:
+    """One step of a stream's long-run statistics after a deviation ``dev`` from the
+    mean, at rate ``a``: the exponentially weighted variance, and the mean excess over
+    the 95th percentile (updated only by readings in the tail, at the rate that makes it
+    an average over them)."""
+    new_var = (1.0 - a) * (var + a * dev * dev)
+    over = dev - Z_TAIL * np.maximum(np.sqrt(var), min_std)
+    a_ex = np.where(over > 0, np.minimum(a / TAIL_FRACTION, 1.0), 0.0)
+    return new_var, excess + a_ex * (over - excess)
+
+
+def likelihood_level(mean: np.ndarray, var: np.ndarray, excess: np.ndarray,
+                     min_std: float | np.ndarray, p: float) -> np.ndarray:
+    """The recent average log-error whose :func:`likelihood` is ``p``: a threshold in
+    error units (``exp`` of it) for alerts."""
+    std = np.maximum(np.sqrt(np.maximum(var, 0.0)), min_std)
+    if p <= 1.0 - TAIL_FRACTION:
+        from statistics import NormalDist
+
+        return mean + std * NormalDist().inv_cdf(p)
+    beta = np.maximum(excess, 0.25 * std)
+    return mean + Z_TAIL * std + beta * np.log(TAIL_FRACTION / (1.0 - p))

@@ -58,11 +58,19 @@ class TrainConfig:
 class ScoreConfig:
     """Turning errors into scores, flags and episodes (applied at scoring time)."""
 
-    threshold: float = field(default=0.999, metadata=_unit())
-    clear_threshold: float = field(default=0.99, metadata=_unit())
+    threshold: float = field(default=0.995, metadata=_unit())
+    clear_threshold: float = field(default=0.98, metadata=_unit())
     min_flagged: int = field(default=1, metadata=_positive())
     clear_readings: int = field(default=10, metadata=_positive())
     settle_readings: int = field(default=10, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    method: str = field(default="likelihood", metadata=_check(
+        lambda v: v in ("likelihood", "calibrated"), 'must be "likelihood" or "calibrated"'))
+    window: int = field(default=10, metadata=_positive())
+    history: int = field(default=2000, metadata=_positive())
+    flagged_weight: float = field(default=0.1, metadata=_check(lambda v: 0.0 <= v <= 1.0,
+                                                               "must be between 0 and 1"))
+    min_spread: float = field(default=0.5, metadata=_positive())
+    hold_readings: int = field(default=10, metadata=_check(lambda v: v >= 0, "must be >= 0"))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import numpy as np
 
 from detector.bundle import Bundle
 from detector.config import EngineConfig, ScoreConfig
+from detector.calibration import TAIL_FRACTION, follow, likelihood, likelihood_level, log_error
 from detector.runtime import NumpyRuntime, Runtime
 from detector.scoring import advance, ewma_alpha, observe
 
@@ -73,6 +74,10 @@ class Scored:
         return len(self.error) - len(self.rejected)
 
 
+# Starting spread of the recent average of log-errors, as a fraction of single errors'.
+RECENT_SPREAD = 0.5
+
+
 class Engine:
     def __init__(self, b: Bundle, score: ScoreConfig = ScoreConfig(),
                  engine: EngineConfig = EngineConfig(), runtime: Runtime | None = None) -> None:
@@ -86,6 +91,21 @@ class Engine:
         self.feature_index = {f: i for i, f in enumerate(self.features)}
         self.alpha = ewma_alpha(b.smoothing)
         self.threshold_error = b.calibration.error_at(score.threshold)
+        # Per-stream likelihood: long-run log-error statistics start from the held-out
+        # errors' and then follow the stream (see detector.calibration.likelihood).
+        self._lt0_mean, lt0_std = b.calibration.log_stats()
+        # Two sets of long-run statistics share one mean: the spread of single log-errors
+        # (start: the held-out errors') and that of their recent average (start: half of
+        # it; averaging shrinks the spread, less than for independent errors because
+        # neighbouring errors are correlated). Both then follow the stream.
+        self._lt0_var1 = lt0_std ** 2
+        self._lt0_excess1 = b.calibration.tail_beta
+        self._min_std1 = score.min_spread * lt0_std
+        self._lt0_var = (RECENT_SPREAD * lt0_std) ** 2
+        self._lt0_excess = RECENT_SPREAD * b.calibration.tail_beta
+        self._min_std = score.min_spread * RECENT_SPREAD * lt0_std
+        self._alpha_recent = ewma_alpha(score.window)
+        self._alpha_history = 1.0 / score.history
         self.model_ref = {"name": b.name, "version": b.version}
         self._mean = b.scaler.mean
         self._scale = b.scaler.scale
@@ -122,6 +142,12 @@ class Engine:
         self.in_episode = extend(get("in_episode"), (cap,), bool, False)
         self.flagged_run = extend(get("flagged_run"), (cap,), np.int64, 0)
         self.normal_run = extend(get("normal_run"), (cap,), np.int64, 0)
+        self.recent = extend(get("recent"), (cap,), np.float64, 0.0)
+        self.lt_mean = extend(get("lt_mean"), (cap,), np.float64, 0.0)
+        self.lt_var = extend(get("lt_var"), (cap,), np.float64, 1.0)
+        self.lt_excess = extend(get("lt_excess"), (cap,), np.float64, 1.0)
+        self.lt_var1 = extend(get("lt_var1"), (cap,), np.float64, 1.0)
+        self.lt_excess1 = extend(get("lt_excess1"), (cap,), np.float64, 1.0)
         self._stream_of.extend([None] * (cap - old))
         self._free.extend(range(cap - 1, old - 1, -1))
 
@@ -135,6 +161,12 @@ class Engine:
         self.in_episode[slot] = False
         self.flagged_run[slot] = 0
         self.normal_run[slot] = 0
+        self.recent[slot] = self._lt0_mean
+        self.lt_mean[slot] = self._lt0_mean
+        self.lt_var[slot] = self._lt0_var
+        self.lt_excess[slot] = self._lt0_excess
+        self.lt_var1[slot] = self._lt0_var1
+        self.lt_excess1[slot] = self._lt0_excess1
 
     def _release(self, slots: np.ndarray, reason: str) -> None:
         for slot in slots.tolist():
@@ -177,7 +209,8 @@ class Engine:
 
     # ---- checkpoints -------------------------------------------------------------
     _STATE_ARRAYS = ("h", "c", "pred", "smoothed", "count", "last_ts", "last_seen", "in_episode",
-                     "flagged_run", "normal_run")
+                     "flagged_run", "normal_run", "recent", "lt_mean", "lt_var",
+                     "lt_excess", "lt_var1", "lt_excess1")
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """Every live stream's state as plain arrays (for ``np.savez``: no pickle)."""
@@ -201,7 +234,8 @@ class Engine:
             if slot is None:
                 slot = self._new_slot(sid, float(snap["last_seen"][k]))
             for name in self._STATE_ARRAYS:
-                getattr(self, name)[slot] = snap[name][k]
+                if name in snap:  # snapshots from before a state array existed keep its reset value
+                    getattr(self, name)[slot] = snap[name][k]
             if not same_model:
                 self.count[slot] = 0
         return min(len(streams), self.ecfg.max_streams)
@@ -268,18 +302,47 @@ class Engine:
         if any_missing:
             se[missing] = 0.0
             present = np.maximum(self.n_features - missing.sum(axis=1), 1)
-        err = se.sum(axis=1, dtype=np.float64) / present
-        total = se.sum(axis=1, keepdims=True)
-        shares = np.divide(se, total, out=np.full_like(se, 1.0 / self.n_features), where=total > 0)
+        # Capped: an infinite reading is as anomalous as it gets, but must not turn the
+        # smoothed error into inf - inf = NaN.
+        err = np.minimum(se.sum(axis=1, dtype=np.float64) / present, 1e300)
+        capped = np.minimum(se, 1e30)  # an infinite error still gets a share, not NaN
+        total = capped.sum(axis=1, keepdims=True)
+        shares = np.divide(capped, total, out=np.full_like(se, 1.0 / self.n_features), where=total > 0)
 
         count = self.count[slots]
         prev = self.smoothed[slots]
         sm = np.where(count == 0, err, prev + self.alpha * (err - prev))
         self.smoothed[slots] = sm
-        score = self.bundle.calibration.score(sm)
+        if self.cfg.method == "likelihood":
+            s = log_error(sm)
+            mean, var, excess = self.lt_mean[slots], self.lt_var[slots], self.lt_excess[slots]
+            recent = self.recent[slots]
+            recent = recent + self._alpha_recent * (s - recent)
+            var1, excess1 = self.lt_var1[slots], self.lt_excess1[slots]
+            p_recent = 1.0 - likelihood(recent, mean, var, excess, self._min_std)
+            p_single = 1.0 - likelihood(s, mean, var1, excess1, self._min_std1)
+            score = 1.0 - np.minimum(2.0 * np.minimum(p_recent, p_single), 1.0)
+        else:
+            score = self.bundle.calibration.score(sm)
         warm = count >= self.cfg.settle_readings
         flag = (score >= self.cfg.threshold) & warm
-        h, c, y_next = advance(self.rt, self.kind, d, y, h, c, hold=flag)
+        if self.cfg.method == "likelihood":
+            # Long-run statistics follow the stream, so a new level stops being anomalous
+            # after a while. Readings in the tail count in proportion to how likely they
+            # are (one at score 1 - TAIL_FRACTION / 10 counts a tenth), never less than
+            # flagged_weight: an excursion barely moves the statistics it is judged by,
+            # a lasting new level is learnt at flagged_weight's pace.
+            w = np.clip((1.0 - score) / TAIL_FRACTION, self.cfg.flagged_weight, 1.0)
+            a = self._alpha_history * w
+            self.lt_mean[slots] = mean + a * (recent - mean)
+            self.lt_var[slots], self.lt_excess[slots] = follow(recent - mean, var, excess, a, self._min_std)
+            self.lt_var1[slots], self.lt_excess1[slots] = follow(s - mean, var1, excess1, a, self._min_std1)
+            self.recent[slots] = recent
+        # A flagged reading is replaced by the forecast in what the state is fed, but only
+        # for the first hold_readings of a run: past that the state follows the (clipped)
+        # readings again, so a long episode cannot leave the forecasts free-running.
+        hold = flag & (self.flagged_run[slots] < self.cfg.hold_readings)
+        h, c, y_next = advance(self.rt, self.kind, d, y, h, c, hold=hold)
         self.h[slots] = h
         self.c[slots] = c
         self.pred[slots] = y_next
@@ -303,11 +366,22 @@ class Engine:
         out.flag[idx] = flag
         out.in_episode[idx] = now_in
         out.shares[idx] = shares
-        for j in np.flatnonzero(starts | ends).tolist():
+        events = np.flatnonzero(starts | ends)
+        if len(events) == 0:
+            return
+        if self.cfg.method == "likelihood":
+            # The stream's own threshold: the error level (geometric mean of the recent
+            # errors) at which it is flagged, under the statistics it was judged by (the
+            # recent-average test at its Bonferroni share of the threshold).
+            thr = np.exp(likelihood_level(mean[events], var[events], excess[events], self._min_std,
+                                          1.0 - (1.0 - self.cfg.threshold) / 2.0))
+        else:
+            thr = np.full(len(events), self.threshold_error)
+        for k, j in enumerate(events.tolist()):
             out.events.append(Event(
                 stream=sids[j], event="anomaly_start" if starts[j] else "anomaly_end",
                 ts=float(ts[j]), score=float(score[j]), error=float(err[j]),
-                threshold=self.threshold_error,
+                threshold=float(thr[k]),
                 features={f: round(float(s), 4) for f, s in zip(self.features, shares[j])},
                 model=self.model_ref))
 

@@ -11,6 +11,9 @@ from detector.config import EngineConfig, ScoreConfig
 from detector.engine import Engine
 
 
+CALIBRATED = ScoreConfig(method="calibrated", threshold=0.999, clear_threshold=0.99)
+
+
 def _normal_rows(n: int, seed: int) -> np.ndarray:
     return plant.normal(n, seed=seed)[1]
 
@@ -19,7 +22,9 @@ def test_normal_data_scores_low_and_a_spike_scores_high(bundle) -> None:
     vals = _normal_rows(400, seed=5)
     spiked = vals.copy()
     spiked[300, 2] += 40.0  # flow, ~20 standard deviations
-    eng = Engine(bundle)
+    # The model-calibrated score (the per-stream likelihood has its own tests in
+    # test_likelihood.py).
+    eng = Engine(bundle, CALIBRATED)
     res = eng.process(["pump"] * 400, np.arange(400.0), spiked, now=1e6)
     assert np.all((res.score >= 0) & (res.score <= 1)) and np.all(np.isfinite(res.score))
     assert res.score[300] > 0.999
@@ -35,7 +40,7 @@ def test_normal_data_scores_low_and_a_spike_scores_high(bundle) -> None:
 def test_episode_hysteresis_start_then_end_after_clear_readings(bundle) -> None:
     vals = _normal_rows(300, seed=6)
     vals[150:170, 1] += 15.0  # pressure far off for 20 readings
-    cfg = ScoreConfig(clear_readings=5)
+    cfg = replace(CALIBRATED, clear_readings=5)
     eng = Engine(bundle, cfg)
     res = eng.process(["p"] * 300, np.arange(300.0), vals, now=1e6)
     ev = [(e.event, e.ts) for e in res.events if 140 <= e.ts <= 200]
