@@ -47,7 +47,7 @@ def on_message(c, u, m):
         done.set()
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
 c.on_message = on_message
-c.on_connect = lambda c, u, f, r, p=None: c.subscribe("sensors/#", qos=qos)
+c.on_connect = lambda c, u, f, r, p=None: c.subscribe("bench/#", qos=qos)
 c.connect("127.0.0.1", port)
 c.loop_start()
 print("ready", flush=True)
@@ -196,7 +196,7 @@ def bare_rate(port: int, streams: int, count: int, qos: int, batch: int) -> floa
     assert sub.stdout is not None
     sub.stdout.readline()
     time.sleep(0.5)
-    simulate(port, streams, count, qos, batch)
+    simulate(port, streams, count, qos, batch, prefix="bench/bare")  # not under the daemon's sensors/#
     got, span = sub.stdout.readline().split()
     sub.wait(30)
     return int(got) / max(float(span), 1e-9)
@@ -207,6 +207,7 @@ def daemon_rate(d: Daemon, port: int, streams: int, count: int, qos: int, batch:
     scored (as the bare subscriber is timed: the publisher's start-up is not counted)."""
     import threading
 
+    settle(d)
     before = scrape(d.metrics_port)
     start_n = before.get("anomaly_detector_readings_total", 0)
     result: list[int] = []
@@ -233,6 +234,16 @@ def daemon_rate(d: Daemon, port: int, streams: int, count: int, qos: int, batch:
             - total(before, "anomaly_detector_invalid_readings_total"))
     zero_loss = bool(result) and scored == result[0] and lost == 0
     return scored / max((t_last or 0) - (t_first or 0), 1e-9), zero_loss
+
+
+def settle(d: Daemon, quiet_s: float = 1.0) -> None:
+    """Wait until the daemon has scored everything sent so far (its count stops moving)."""
+    last, since = -1.0, time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        n = scrape(d.metrics_port).get("anomaly_detector_readings_total", 0)
+        if n != last:
+            last, since = n, time.monotonic()
+        time.sleep(0.1)
 
 
 def main() -> int:
@@ -263,6 +274,7 @@ def main() -> int:
                         print(f"{label:10s} {qos:3d} {bare:11.0f} {rate:10.0f} {rate / bare:6.2f} {ok}")
                 half = rates[(1, 0)] / 2
                 per_stream = half / args.streams
+                settle(d)
                 before = scrape(d.metrics_port)
                 simulate(broker.port, args.streams, max(int(per_stream * 10), 5), 0, 1, rate=per_stream)
                 after = d.wait_scored(0)
