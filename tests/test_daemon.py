@@ -6,13 +6,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,43 +18,16 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from detector import plant
-from mqtt_broker import start_test_broker
-
-ROOT = Path(__file__).resolve().parents[1]
-DEADLINE = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(pred, what: str, deadline: float = DEADLINE):  # type: ignore[no-untyped-def]
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from helpers import http_get, publish_all, sample, wait_for
+from mqtt_broker import free_port, start_test_broker
 
 
 def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-    except OSError:
-        return 0, ""
+    return http_get(f"http://127.0.0.1:{port}{path}")
 
 
-def sample(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Daemon:
@@ -134,17 +104,6 @@ def broker() -> Iterator[object]:
     handle = start_test_broker()
     yield handle
     handle.stop()
-
-
-def publish_all(port: int, items: list[tuple[str, bytes]]) -> None:
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    pub.connect("127.0.0.1", port)
-    pub.loop_start()
-    infos = [pub.publish(t, p, qos=1) for t, p in items]
-    for info in infos:
-        info.wait_for_publish(timeout=30)
-    pub.loop_stop()
-    pub.disconnect()
 
 
 def plant_messages(stream: str, n: int, seed: int, fault_at: int | None = None) -> list[tuple[str, bytes]]:

@@ -43,7 +43,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import yaml  # type: ignore[import-untyped]
-from mqtt_broker import start_test_broker
+from helpers import http_get, publish_all, sample, wait_for
+from mqtt_broker import free_port, start_test_broker
 from paho.mqtt.client import topic_matches_sub
 
 from detector import cli, plant
@@ -88,51 +89,8 @@ def need(name: str, package: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(pred, what: str, deadline: float = DEADLINE, every: float = 0.2):  # type: ignore[no-untyped-def]
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-    except OSError:
-        return 0, ""
-
-
-def sample(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def run(cmd: list[str], timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)
-
-
-def publish_all(port: int, items: list[tuple[str, bytes]]) -> None:
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    pub.connect("127.0.0.1", port)
-    pub.loop_start()
-    for info in [pub.publish(t, p, qos=1) for t, p in items]:
-        info.wait_for_publish(timeout=30)
-    pub.loop_stop()
-    pub.disconnect()
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> int | None:
