@@ -241,29 +241,25 @@ def test_lookup_finds_no_mosquitto_off_path(tmp_path: Path, monkeypatch: pytest.
     assert find_mosquitto() is None
 
 
-def test_fallback_to_embedded_without_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ENV_CHOICE, "embedded")
-    assert find_mosquitto() is None
+def assert_restart_keeps_port(kind: str) -> None:
     handle = start_test_broker()
     try:
-        assert handle.kind == "embedded"
+        assert handle.kind == kind
         port = handle.port
         handle.restart()
         assert handle.port == port
         Client(port, V311).close()
     finally:
         handle.stop()
+
+
+def test_fallback_to_embedded_without_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_CHOICE, "embedded")
+    assert find_mosquitto() is None
+    assert_restart_keeps_port("embedded")
 
 
 def test_mosquitto_restart_keeps_port() -> None:
     if find_mosquitto() is None:
         pytest.skip("mosquitto not installed")
-    handle = start_test_broker()
-    try:
-        assert handle.kind == "mosquitto"
-        port = handle.port
-        handle.restart()
-        assert handle.port == port
-        Client(port, V311).close()
-    finally:
-        handle.stop()
+    assert_restart_keeps_port("mosquitto")
