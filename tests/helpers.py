@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import paho.mqtt.client as mqtt
 
+from detector import plant
+from mqtt_broker import free_port
+
 T = TypeVar("T")
 DEADLINE = 60.0
+ROOT = Path(__file__).resolve().parents[1]
+PLANT_MODEL = ROOT / "models" / "plant"
 
 
 def wait_for(pred: Callable[[], T], what: str, deadline: float = DEADLINE, every: float = 0.1) -> T:
@@ -54,3 +66,124 @@ def publish_all(port: int, items: list[tuple[str, bytes]]) -> None:
         info.wait_for_publish(timeout=30)
     pub.loop_stop()
     pub.disconnect()
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    return http_get(f"http://127.0.0.1:{port}{path}")
+
+
+class Daemon:
+    """A real ``anomaly-detector run`` process with its own config, state and log.
+
+    Each keyword is the body of that config section (TOML lines), added to the defaults
+    below; ``extra`` is appended as whole sections. ``models`` replaces the default route
+    (the shipped plant model for ``sensors/plant/+``).
+    """
+
+    def __init__(self, tmp: Path, broker_port: int, *, mqtt: str = "", metrics: str = "",
+                 learn: str = "enabled = false", state: str = "checkpoint_interval_s = 1.0",
+                 score: str = "clear_readings = 5", worker: str = "", models: str | None = None,
+                 extra: str = "", host: str = "127.0.0.1") -> None:
+        self.tmp = tmp
+        self.metrics_port = free_port()
+        self.config = tmp / "config.toml"
+        if models is None:
+            models = f'[[models]]\nmatch = "sensors/plant/+"\npath = "{PLANT_MODEL}"\n'
+        self.config.write_text(f"""
+[mqtt]
+host = "{host}"
+port = {broker_port}
+topics = ["sensors/#"]
+client_id = "detector-test-{os.getpid()}-{self.metrics_port}"
+{mqtt}
+[metrics]
+port = {self.metrics_port}
+{metrics}
+{models}
+[learn]
+{learn}
+[state]
+dir = "{tmp / 'state'}"
+{state}
+[score]
+{score}
+[worker]
+{worker}
+{extra}
+""")
+        self.log = tmp / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def launch(self, env: dict[str, str] | None = None) -> None:
+        """Start the process without waiting for it to become healthy."""
+        self.proc = subprocess.Popen([sys.executable, "-m", "detector", "run", "--config", str(self.config)],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), cwd=ROOT,
+                                     env=env)
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        self.launch(env)
+        wait_for(lambda: self.healthz() == 200, "daemon healthy")
+
+    def healthz(self) -> int:
+        return scrape(self.metrics_port, "/healthz")[0]
+
+    def metrics(self) -> str:
+        return scrape(self.metrics_port)[1]
+
+    def value(self, name: str) -> float:
+        return sample(self.metrics(), name)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Listener:
+    """A subscriber that records every message it gets."""
+
+    def __init__(self, port: int, topics: list[str]) -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client.on_message = lambda c, u, m: self._add(m)
+        self.client.connect("127.0.0.1", port)
+        for t in topics:
+            self.client.subscribe(t, qos=1)
+        self.client.loop_start()
+
+    def _add(self, m: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append(m)
+
+    def on(self, topic_prefix: str) -> list[mqtt.MQTTMessage]:
+        with self.lock:
+            return [m for m in self.messages if m.topic.startswith(topic_prefix)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def plant_messages(stream: str, n: int, seed: int, fault_at: int | None = None) -> list[tuple[str, bytes]]:
+    """``n`` simulated plant readings on ``stream`` (one per second, ending now); with
+    ``fault_at``, pressure far off for 20 readings from there."""
+    times, values = plant.normal(n, seed=seed)
+    if fault_at is not None:
+        values[fault_at: fault_at + 20, 1] += 3.0
+    t0 = time.time() - n
+    return [(stream, json.dumps({"ts": t0 + i, "values": dict(zip(plant.FEATURES, values[i].tolist()))}).encode())
+            for i in range(n)]

@@ -3,100 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from detector import plant
-from helpers import http_get, publish_all, sample, wait_for
+from helpers import ROOT, Daemon, Listener, plant_messages, publish_all, sample, scrape, wait_for
 from mqtt_broker import free_port, start_test_broker
-
-
-def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
-    return http_get(f"http://127.0.0.1:{port}{path}")
-
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class Daemon:
-    def __init__(self, tmp: Path, broker_port: int, extra: str = "", learn: str = "enabled = false") -> None:
-        self.metrics_port = free_port()
-        self.config = tmp / "config.toml"
-        self.config.write_text(f"""
-[mqtt]
-host = "127.0.0.1"
-port = {broker_port}
-topics = ["sensors/#"]
-client_id = "detector-test-{os.getpid()}-{self.metrics_port}"
-[metrics]
-port = {self.metrics_port}
-[[models]]
-match = "sensors/plant/+"
-path = "{ROOT / 'models' / 'plant'}"
-[learn]
-{learn}
-[state]
-dir = "{tmp / 'state'}"
-checkpoint_interval_s = 1.0
-[score]
-clear_readings = 5
-{extra}
-""")
-        self.log = tmp / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "detector", "run", "--config", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), cwd=ROOT)
-        wait_for(lambda: scrape(self.metrics_port, "/healthz")[0] == 200, "daemon healthy")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-    def logtext(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-class Listener:
-    def __init__(self, port: int, topics: list[str]) -> None:
-        self.messages: list[mqtt.MQTTMessage] = []
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        self.client.on_message = lambda c, u, m: self._add(m)
-        self.client.connect("127.0.0.1", port)
-        for t in topics:
-            self.client.subscribe(t, qos=1)
-        self.client.loop_start()
-
-    def _add(self, m: mqtt.MQTTMessage) -> None:
-        with self.lock:
-            self.messages.append(m)
-
-    def on(self, topic_prefix: str) -> list[mqtt.MQTTMessage]:
-        with self.lock:
-            return [m for m in self.messages if m.topic.startswith(topic_prefix)]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +24,6 @@ def broker() -> Iterator[object]:
     handle = start_test_broker()
     yield handle
     handle.stop()
-
-
-def plant_messages(stream: str, n: int, seed: int, fault_at: int | None = None) -> list[tuple[str, bytes]]:
-    times, values = plant.normal(n, seed=seed)
-    if fault_at is not None:
-        values[fault_at: fault_at + 20, 1] += 3.0  # pressure far off for 20 readings
-    t0 = time.time() - n
-    return [(stream, json.dumps({"ts": t0 + i, "values": dict(zip(plant.FEATURES, values[i].tolist()))}).encode())
-            for i in range(n)]
 
 
 def test_daemon_scores_alerts_exports_metrics_and_shuts_down_cleanly(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
