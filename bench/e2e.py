@@ -100,7 +100,7 @@ def rss_mb(pid: int) -> float:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, broker_port: int, max_streams: int = 200_000) -> None:
+    def __init__(self, tmp: Path, broker_port: int, max_streams: int = 200_000, protocol: str = "5") -> None:
         self.metrics_port = free_port()
         cfg = tmp / "config.toml"
         cfg.write_text(f"""
@@ -108,6 +108,7 @@ class Daemon:
 host = "127.0.0.1"
 port = {broker_port}
 qos = 1
+protocol = "{protocol}"
 [metrics]
 port = {self.metrics_port}
 [[models]]

@@ -8,6 +8,10 @@ silently ignored: a typo in a threshold must not leave the daemon running on a d
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
+import string
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -51,7 +55,7 @@ class TrainConfig:
     learning_rate: float = field(default=3e-3, metadata=_positive())
     max_fill: int = field(default=5, metadata=_check(lambda v: v >= 0, "must be >= 0"))
     gap_factor: float = field(default=10.0, metadata=_check(lambda v: v > 1, "must be > 1"))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_check(lambda v: 0 <= v < 2**32, "must be 0 to 2**32 - 1"))
 
 
 @dataclass(frozen=True)
@@ -92,27 +96,68 @@ def _port() -> dict[str, Any]:
 
 
 def _valid_stream_template(v: str) -> bool:
-    import string
-
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(v) if f is not None]
     except ValueError:
         return False
-    return bool(fields) and all(f == "topic" or f.isdigit() for f in fields)
+    # Plain fields only: a format spec or conversion ("{0:d}", "{topic:>99999}") would fail
+    # or blow up per message at run time, where this check cannot name the key any more.
+    return bool(fields) and all((f == "topic" or f.isdigit()) and not spec and not conv
+                                for f, spec, conv in fields)
+
+
+# MQTT strings are UTF-8 of at most 65535 bytes, and Mosquitto refuses NUL, control
+# characters and non-characters in topics (mosquitto_validate_utf8). Surrogates cannot
+# come from TOML, which is UTF-8 text.
+_NOT_MQTT = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef"
+                       + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(17))
+                       + "]")
+
+
+def _mqtt_text(v: str, max_bytes: int = 65535) -> bool:
+    return 0 < len(v.encode("utf-8")) <= max_bytes and not _NOT_MQTT.search(v)
+
+
+def _topic_filter(v: str) -> bool:
+    """A valid subscription filter: ``+`` and ``#`` only as whole levels, ``#`` last."""
+    if not _mqtt_text(v):
+        return False
+    levels = v.split("/")
+    return all(lv in ("+", "#") or ("+" not in lv and "#" not in lv) for lv in levels) \
+        and "#" not in levels[:-1]
+
+
+def _topic_filters() -> dict[str, Any]:
+    return _check(lambda v: len(v) > 0 and all(_topic_filter(t) for t in v),
+                  "must be a non-empty list of MQTT topic filters ('+' and '#' only as whole "
+                  "levels, '#' last; no control characters)")
+
+
+def _topic_name(max_bytes: int = 65535) -> dict[str, Any]:
+    return _check(lambda v: _mqtt_text(v, max_bytes) and not set("+#") & set(v) and not v.startswith("$"),
+                  f"must be an MQTT topic: 1-{max_bytes} bytes, no '+' or '#', no control characters, "
+                  "not starting with '$' (broker topics)")
+
+
+def _not_empty() -> dict[str, Any]:
+    return _check(lambda v: v != "", "must not be empty")
 
 
 @dataclass(frozen=True)
 class MqttConfig:
-    host: str = "embedded"
+    host: str = field(default="embedded", metadata=_not_empty())
     port: int = field(default=1883, metadata=_port())
-    topics: tuple[str, ...] = field(default=("sensors/#",), metadata=_check(
-        lambda v: len(v) > 0 and all(t for t in v), "must be a non-empty list of topic filters"))
-    client_id: str = "anomaly-detector"
+    topics: tuple[str, ...] = field(default=("sensors/#",), metadata=_topic_filters())
+    # Not empty: paho refuses an empty id with a persistent session, and a generated one
+    # would make every restart a new session.
+    client_id: str = field(default="anomaly-detector", metadata=_check(
+        _mqtt_text, "must be 1-65535 bytes of UTF-8 without control characters"))
     stream_id: str = field(default="{topic}", metadata=_check(_valid_stream_template,
         "must be a format string using {topic} and/or topic levels {0}, {1}, ..."))
-    protocol: str = field(default="5", metadata=_one_of("5", "3.1.1"))
+    protocol: str = field(default="3.1.1", metadata=_one_of("3.1.1", "5"))
     qos: int = field(default=1, metadata=_one_of(0, 1, 2))
-    keepalive_s: int = field(default=60, metadata=_positive())
+    keepalive_s: int = field(default=60, metadata=_check(lambda v: 0 < v <= 65535,
+                                                         "must be 1-65535 (MQTT's 16-bit field)"))
     persistent_session: bool = False
     username: str = ""
     password_file: str = ""
@@ -128,16 +173,17 @@ class MqttConfig:
 
 @dataclass(frozen=True)
 class AlertsConfig:
-    topic_prefix: str = field(default="anomalies", metadata=_check(
-        lambda v: v != "" and "+" not in v and "#" not in v, "must be a topic without wildcards"))
-    status_topic: str = field(default="anomaly-detector/status", metadata=_check(
-        lambda v: v != "" and "+" not in v and "#" not in v, "must be a topic without wildcards"))
+    # Half the topic length at most, so every stream id keeps room after the prefix.
+    topic_prefix: str = field(default="anomalies", metadata=_topic_name(32767))
+    status_topic: str = field(default="anomaly-detector/status", metadata=_topic_name())
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
-    address: str = "127.0.0.1"
+    # "" would listen on every interface: say "0.0.0.0" (or "::") to mean that.
+    address: str = field(default="127.0.0.1", metadata=_check(
+        lambda v: v != "", 'must not be empty (use "0.0.0.0" to listen on every interface)'))
     port: int = field(default=9108, metadata=_port())
 
 
@@ -145,8 +191,9 @@ class MetricsConfig:
 class ModelRoute:
     """One ``[[models]]`` entry: streams whose topic matches ``match`` use ``path``."""
 
-    match: str
-    path: str
+    match: str = field(metadata=_check(_topic_filter, "must be an MQTT topic filter ('+' and '#' only "
+                                                      "as whole levels, '#' last)"))
+    path: str = field(metadata=_not_empty())
 
 
 @dataclass(frozen=True)
@@ -160,7 +207,7 @@ class LearnConfig:
 
 @dataclass(frozen=True)
 class StateConfig:
-    dir: str = "state"
+    dir: str = field(default="state", metadata=_not_empty())
     checkpoint_interval_s: float = field(default=30.0, metadata=_positive())
 
 
@@ -203,33 +250,48 @@ class Config:
         return p if p.is_absolute() else self.base_dir / p
 
 
+def _show(value: Any) -> str:
+    """A value for a one-line message: repr escapes newlines; long values are cut."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _key(name: str) -> str:
+    """A TOML key as the user would write it; quoted (escaped, one line) when not bare."""
+    return name if re.fullmatch(r"[A-Za-z0-9_.-]+", name) else json.dumps(name)
+
+
 def _coerce(where: str, value: Any, kind: Any) -> Any:
     if typing.get_origin(kind) is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InputError(where, f"expected a list of strings, got {value!r}")
+            raise InputError(where, f"expected a list of strings, got {_show(value)}")
         return tuple(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
-        raise InputError(where, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        raise InputError(where, f"expected {kind.__name__}, got {type(value).__name__} {_show(value)}")
+    # TOML has nan and inf; no key means either (an infinite wait or interval would
+    # overflow the timer it feeds, nan compares false to every bound).
+    if kind is float and not math.isfinite(value):
+        raise InputError(where, f"expected a finite number, got {value!r}")
     return value
 
 
 def _section(path: str, name: str, cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
-        raise InputError(f"{path}: [{name}]", "must be a table")
+        raise InputError(f"{path}: [{name}]", f"must be a table, got {type(raw).__name__} {_show(raw)}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
-        where = f"{path}: [{name}] {key}"
+        where = f"{path}: [{name}] {_key(key)}"
         if key not in known:
             raise InputError(where, f"unknown key (known: {', '.join(sorted(known))})")
         value = _coerce(where, value, hints[key])
         meta = known[key].metadata
         if "check" in meta and not meta["check"](value):
-            raise InputError(where, f"{value!r} {meta['text']}")
+            raise InputError(where, f"{_show(value)} {meta['text']}")
         values[key] = value
     missing = [f.name for f in known.values()
                if f.default is dataclasses.MISSING and f.name not in values]
@@ -244,7 +306,7 @@ def parse(raw: dict[str, Any], path: str = "config", base_dir: Path = Path("."))
     built: dict[str, Any] = {}
     for name, body in raw.items():
         if name not in sections:
-            raise InputError(f"{path}: [{name}]",
+            raise InputError(f"{path}: [{_key(name)}]",
                              f"unknown section (known: {', '.join(sorted(sections))})")
         if name == "models":
             if not isinstance(body, list):
@@ -257,6 +319,8 @@ def parse(raw: dict[str, Any], path: str = "config", base_dir: Path = Path("."))
     if cfg.score.clear_threshold > cfg.score.threshold:
         raise InputError(f"{path}: [score] clear_threshold",
                          "must not be above [score] threshold")
+    if cfg.train.burn_in >= cfg.train.seq_len:
+        raise InputError(f"{path}: [train] burn_in", "must be below [train] seq_len (no step would be trained)")
     if cfg.mqtt.reconnect_min_s > cfg.mqtt.reconnect_max_s:
         raise InputError(f"{path}: [mqtt] reconnect_min_s", "must not be above [mqtt] reconnect_max_s")
     if cfg.mqtt.password_file and cfg.mqtt.password_env:
