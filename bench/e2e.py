@@ -1,16 +1,21 @@
 """End to end through a real Mosquitto: throughput, latency, memory and start-up.
 
-    python bench/e2e.py [--streams 1000] [--seconds 10] [--quick]
+    python bench/e2e.py [--streams 1000] [--count 20] [--quick] [--protocol 3.1.1|5]
+                        [--max-batch N] [--publisher lean|simulate]
 
 In one run, on this machine (all on loopback):
   * the bare paho subscriber's rate (decode JSON, count) for publishes flat out — the
     ceiling — and the daemon's scoring rate for the same load, QoS 0 and 1, single-reading
     and batched messages; the daemon's run counts as sustained only with zero loss
     (``readings_total`` = published, nothing dropped or rejected);
-  * receive → scored latency (``processing_seconds``) p50/p99 at half the daemon's rate;
+  * receive → scored latency (``processing_seconds``) p50/p99 at half the daemon's rate,
+    with readings evenly paced, and publish → alert for injected faults (the alert's ``ts``
+    is its reading's, stamped by the publisher as it published it);
   * the daemon's RSS idle and holding state for 1k/10k/100k streams;
   * start-up: process start to ``READY=1`` over ``NOTIFY_SOCKET``.
-The load comes from ``anomaly-detector simulate`` in its own process.
+The throughput load comes from a lean publisher process (payloads built before the clock
+starts, published flat out) or ``anomaly-detector simulate`` (``--publisher simulate``);
+the latency load from ``simulate`` at a fixed rate.
 """
 
 from __future__ import annotations
@@ -57,6 +62,77 @@ span = (seen["last"] or 0) - (seen["first"] or 0)
 print(f"{seen['n']} {span}", flush=True)
 """
 
+# A lean publisher: every payload is built before the clock starts, then published flat
+# out; QoS 1 keeps up to 1000 messages in flight. Prints "<readings> <seconds>".
+PUBLISHER = r"""
+import json, sys, time
+import paho.mqtt.client as mqtt
+port, streams, count, qos, batch, prefix = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                            int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+# Readings 1 ms apart ending now: a later run's stamps always follow an earlier run's.
+t0 = time.time() - count * 0.001
+msgs = []
+for i in range(0, count, batch):
+    for s in range(streams):
+        items = [{"ts": t0 + j * 0.001, "values": {"temperature": 30.0 + 0.01 * (j % 7), "pressure": 2.9,
+                                           "vibration": 30.0, "flow": 0.58}}
+                 for j in range(i, min(i + batch, count))]
+        body = items[0] if batch == 1 else items
+        msgs.append((f"{prefix}/s{s}", json.dumps(body).encode(), len(items)))
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+c.max_inflight_messages_set(1000)
+c.max_queued_messages_set(0)
+c.connect("127.0.0.1", port)
+c.loop_start()
+start = time.perf_counter()
+sent = 0
+for topic, body, n in msgs:
+    info = c.publish(topic, body, qos=qos)
+    sent += n
+    if qos and info.mid % 1000 == 0:
+        info.wait_for_publish(60)
+c.publish("bench/end", b"1", qos=1).wait_for_publish(60)
+print(sent, time.perf_counter() - start, flush=True)
+c.loop_stop()
+c.disconnect()
+"""
+
+
+# The latency load: readings spread evenly in time (not bursts), stamped with the wall
+# clock as they are published; every `fault_every`-th stream gets pressure far off from
+# its 40th reading on, so alerts come back. Prints the number published.
+PACED = r"""
+import json, sys, time
+import numpy as np
+import paho.mqtt.client as mqtt
+from detector import plant
+port, streams, count, rate, fault_every = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                           float(sys.argv[4]), int(sys.argv[5]))
+_, base = plant.normal(count + 200, seed=7)
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+c.max_queued_messages_set(0)
+c.connect("127.0.0.1", port)
+c.loop_start()
+start = time.perf_counter()
+n = 0
+for i in range(count):
+    for s in range(streams):
+        row = base[(i + 7 * s) % len(base)].copy()
+        if fault_every and s % fault_every == 0 and 40 <= i < 60:
+            row[1] += 3.0
+        due = start + n / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        body = {"ts": time.time(), "values": dict(zip(plant.FEATURES, row.tolist()))}
+        c.publish(f"sensors/plant/s{s}", json.dumps(body), qos=0)
+        n += 1
+c.publish("bench/end", b"1", qos=1).wait_for_publish(60)
+print(n, flush=True)
+c.loop_stop()
+c.disconnect()
+"""
+
 
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -100,7 +176,8 @@ def rss_mb(pid: int) -> float:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, broker_port: int, max_streams: int = 200_000, protocol: str = "5") -> None:
+    def __init__(self, tmp: Path, broker_port: int, max_streams: int = 200_000, protocol: str = "3.1.1",
+                 max_batch: int | None = None) -> None:
         self.metrics_port = free_port()
         cfg = tmp / "config.toml"
         cfg.write_text(f"""
@@ -123,6 +200,7 @@ checkpoint_interval_s = 3600
 max_streams = {max_streams}
 [worker]
 queue_size = 1000000
+{f"max_batch = {max_batch}" if max_batch else ""}
 [log]
 level = "warning"
 """)
@@ -151,6 +229,17 @@ level = "warning"
         self.proc.terminate()
         self.proc.wait(60)
         self.sock.close()
+
+
+def publish(port: int, streams: int, count: int, qos: int, batch: int, prefix: str = "sensors/plant",
+            lean: bool = True) -> tuple[int, float]:
+    """Flat-out load: the lean publisher, or the simulator with ``lean=False``."""
+    if not lean:
+        return simulate(port, streams, count, qos, batch, prefix=prefix)
+    out = subprocess.run([sys.executable, "-c", PUBLISHER, str(port), str(streams), str(count), str(qos),
+                          str(batch), prefix], capture_output=True, text=True, timeout=900, check=True)
+    sent, seconds = out.stdout.split()
+    return int(sent), float(seconds)
 
 
 def simulate(port: int, streams: int, count: int, qos: int, batch: int, rate: float = 0.0,
@@ -190,20 +279,21 @@ def lean_publish(port: int, n: int, prefix: str) -> None:
     c.disconnect()
 
 
-def bare_rate(port: int, streams: int, count: int, qos: int, batch: int) -> float:
+def bare_rate(port: int, streams: int, count: int, qos: int, batch: int, lean: bool = True) -> float:
     n = streams * count
     sub = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, str(port), str(n), str(qos)],
                            stdout=subprocess.PIPE, text=True)
     assert sub.stdout is not None
     sub.stdout.readline()
     time.sleep(0.5)
-    simulate(port, streams, count, qos, batch, prefix="bench/bare")  # not under the daemon's sensors/#
+    publish(port, streams, count, qos, batch, prefix="bench/bare", lean=lean)  # not under sensors/#
     got, span = sub.stdout.readline().split()
     sub.wait(30)
     return int(got) / max(float(span), 1e-9)
 
 
-def daemon_rate(d: Daemon, port: int, streams: int, count: int, qos: int, batch: int) -> tuple[float, bool]:
+def daemon_rate(d: Daemon, port: int, streams: int, count: int, qos: int, batch: int,
+                lean: bool = True) -> tuple[float, bool]:
     """Readings scored per second between the first and the last reading of the run being
     scored (as the bare subscriber is timed: the publisher's start-up is not counted)."""
     import threading
@@ -212,7 +302,7 @@ def daemon_rate(d: Daemon, port: int, streams: int, count: int, qos: int, batch:
     before = scrape(d.metrics_port)
     start_n = before.get("anomaly_detector_readings_total", 0)
     result: list[int] = []
-    pub = threading.Thread(target=lambda: result.append(simulate(port, streams, count, qos, batch)[0]))
+    pub = threading.Thread(target=lambda: result.append(publish(port, streams, count, qos, batch, lean=lean)[0]))
     pub.start()
     t_first = t_last = None
     last_n = start_n
@@ -225,7 +315,7 @@ def daemon_rate(d: Daemon, port: int, streams: int, count: int, qos: int, batch:
             t_last, last_n = now, n
         if not pub.is_alive() and t_last is not None and now - t_last > 10:
             break  # nothing more is coming: some readings were lost
-        time.sleep(0.01)
+        time.sleep(0.05)  # each scrape costs the daemon CPU: not too often
     pub.join()
     after = scrape(d.metrics_port)
     scored = after.get("anomaly_detector_readings_total", 0) - start_n
@@ -235,6 +325,46 @@ def daemon_rate(d: Daemon, port: int, streams: int, count: int, qos: int, batch:
             - total(before, "anomaly_detector_invalid_readings_total"))
     zero_loss = bool(result) and scored == result[0] and lost == 0
     return scored / max((t_last or 0) - (t_first or 0), 1e-9), zero_loss
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def alert_latencies(port: int, streams: int, rate: float, count: int = 80) -> list[float]:
+    """Publish ``count`` readings per stream at ``rate`` readings/s, evenly paced, with a
+    fault on every 10th stream; return publish -> alert seconds for every ``anomaly_start``
+    (its ``ts`` is the flagged reading's, stamped when it was published)."""
+    import json
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    got: list[float] = []
+    lock = threading.Lock()
+
+    def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        now = time.time()
+        body = json.loads(m.payload)
+        if body.get("event") == "anomaly_start":
+            with lock:
+                got.append(now - body["ts"])
+
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    sub.on_message = on_message
+    sub.connect("127.0.0.1", port)
+    sub.subscribe("anomalies/#", qos=1)
+    sub.loop_start()
+    time.sleep(0.5)
+    subprocess.run([sys.executable, "-c", PACED, str(port), str(streams), str(count), str(rate), "10"],
+                   capture_output=True, text=True, cwd=ROOT, timeout=900, check=True)
+    time.sleep(2.0)
+    sub.loop_stop()
+    sub.disconnect()
+    return got
 
 
 def settle(d: Daemon, quiet_s: float = 1.0) -> None:
@@ -252,13 +382,19 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--count", type=int, default=20, help="readings per stream per throughput run")
     ap.add_argument("--quick", action="store_true", help="skip the 100k-stream memory point")
+    ap.add_argument("--protocol", default="3.1.1", choices=["3.1.1", "5"], help="the daemon's MQTT protocol")
+    ap.add_argument("--max-batch", type=int, default=None, help="[worker] max_batch (default: the daemon's)")
+    ap.add_argument("--publisher", default="lean", choices=["lean", "simulate"],
+                    help="throughput load: pre-built payloads flat out, or the simulate command")
     args = ap.parse_args()
+    lean = args.publisher == "lean"
     broker = start_test_broker()
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}; "
-          f"broker: {broker.kind}; everything on loopback, one process each")
+          f"broker: {broker.kind}; everything on loopback, one process each; daemon MQTT {args.protocol}, "
+          f"max_batch {args.max_batch or 'default'}; load: {args.publisher} publisher")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            d = Daemon(Path(tmp), broker.port)
+            d = Daemon(Path(tmp), broker.port, protocol=args.protocol, max_batch=args.max_batch)
             try:
                 print(f"start-up to READY=1: {d.startup_s:.2f} s")
                 time.sleep(1)
@@ -268,20 +404,20 @@ def main() -> int:
                 for batch in (1, 100):
                     for qos in (0, 1):
                         count = args.count if batch == 1 else args.count * 20
-                        bare = bare_rate(broker.port, args.streams, count, qos, batch)
-                        rate, ok = daemon_rate(d, broker.port, args.streams, count, qos, batch)
+                        bare = bare_rate(broker.port, args.streams, count, qos, batch, lean)
+                        rate, ok = daemon_rate(d, broker.port, args.streams, count, qos, batch, lean)
                         rates[(batch, qos)] = rate
                         label = "single" if batch == 1 else f"batch {batch}"
                         print(f"{label:10s} {qos:3d} {bare:11.0f} {rate:10.0f} {rate / bare:6.2f} {ok}")
                 half = rates[(1, 0)] / 2
-                per_stream = half / args.streams
                 settle(d)
                 before = scrape(d.metrics_port)
-                simulate(broker.port, args.streams, max(int(per_stream * 10), 5), 0, 1, rate=per_stream)
+                lat = alert_latencies(broker.port, args.streams, half)
                 after = d.wait_scored(0)
-                print(f"\nlatency at {half:.0f} readings/s (half the QoS 0 single-reading rate), receive -> "
-                      f"scored: p50 {1000 * quantile(before, after, 0.5):.2f} ms, "
-                      f"p99 {1000 * quantile(before, after, 0.99):.2f} ms")
+                print(f"\nlatency at {half:.0f} readings/s (half the QoS 0 single-reading rate, evenly paced), "
+                      f"receive -> scored: p50 {1000 * quantile(before, after, 0.5):.2f} ms, "
+                      f"p99 {1000 * quantile(before, after, 0.99):.2f} ms; publish -> alert ({len(lat)} alerts): "
+                      f"p50 {1000 * pct(lat, 50):.2f} ms, p99 {1000 * pct(lat, 99):.2f} ms")
                 held = int(scrape(d.metrics_port).get("anomaly_detector_streams", 0))
                 print(f"RSS with {held} streams: {rss_mb(d.proc.pid):.0f} MB")
                 for n in (10_000,) + (() if args.quick else (100_000,)):

@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 
 from detector.engine import Event
 
 
+# What Mosquitto refuses in a topic name (mosquitto_validate_utf8: NUL, C0/C1 controls,
+# surrogates, non-characters) plus the wildcards: a publish with any of them would raise
+# in paho or get the daemon disconnected by the broker, costing every alert in the batch.
+_UNSAFE = re.compile("[+#\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+                     + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(17))
+                     + "]")
+MAX_TOPIC_BYTES = 65535  # MQTT: a topic is a length-prefixed string of at most 2**16 - 1 bytes
+
+
 def alert_topic(prefix: str, stream: str) -> str:
-    """``<prefix>/<stream id>``. Stream ids come from topics the daemon subscribed to, so
-    they hold no wildcards; any ``+``/``#``/NUL that gets here anyway (a template, a
-    mapped id) is replaced, so no id can publish outside the alert namespace or to a
-    wildcard topic."""
-    safe = stream.replace("+", "_").replace("#", "_").replace("\x00", "_")
-    return f"{prefix}/{safe}"
+    """``<prefix>/<stream id>``, always a valid publish topic inside ``<prefix>/``.
+
+    Stream ids come from subscribed topics, so they rarely hold anything odd; but a
+    ``[mqtt] stream_id`` template can add text and make an id longer than a topic may be.
+    Wildcards and characters the broker refuses become ``_``; an id too long for the
+    65535-byte limit is cut and ends in ``~`` and a hash of the whole id, so two long ids
+    still get two topics. The alert's JSON ``stream`` field always has the exact id."""
+    safe = _UNSAFE.sub("_", stream)
+    topic = f"{prefix}/{safe}"
+    raw = topic.encode("utf-8")
+    if len(raw) <= MAX_TOPIC_BYTES:
+        return topic
+    tag = "~" + hashlib.sha256(stream.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    # Cut on a character boundary: drop a partial UTF-8 sequence at the end.
+    head = raw[:MAX_TOPIC_BYTES - len(tag)].decode("utf-8", "ignore")
+    return head + tag
 
 
 def _finite(v: float) -> float | None:

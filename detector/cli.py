@@ -74,6 +74,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     path = args.config if args.config is not None else DEFAULT_CONFIG
     cfg = config.load(path)
+    # The secrets and TLS files too, exactly as `run` reads them at start.
+    from detector import ingest
+
+    ingest._password(cfg)
+    if cfg.mqtt.tls:
+        ingest.tls_context(cfg)
     bundles = load_models(cfg)
     print(f"{path}: ok ({len(bundles)} model bundle(s) checked)")
     return 0

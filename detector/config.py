@@ -62,19 +62,21 @@ class TrainConfig:
 class ScoreConfig:
     """Turning errors into scores, flags and episodes (applied at scoring time)."""
 
-    threshold: float = field(default=0.995, metadata=_unit())
-    clear_threshold: float = field(default=0.98, metadata=_unit())
+    threshold: float = field(default=0.999, metadata=_unit())
+    clear_threshold: float = field(default=0.995, metadata=_unit())
     min_flagged: int = field(default=1, metadata=_positive())
-    clear_readings: int = field(default=10, metadata=_positive())
+    clear_readings: int = field(default=50, metadata=_positive())
     settle_readings: int = field(default=10, metadata=_check(lambda v: v >= 0, "must be >= 0"))
     method: str = field(default="likelihood", metadata=_check(
         lambda v: v in ("likelihood", "calibrated"), 'must be "likelihood" or "calibrated"'))
-    window: int = field(default=10, metadata=_positive())
+    window: int = field(default=5, metadata=_positive())
     history: int = field(default=2000, metadata=_positive())
     flagged_weight: float = field(default=0.1, metadata=_check(lambda v: 0.0 <= v <= 1.0,
                                                                "must be between 0 and 1"))
     min_spread: float = field(default=0.5, metadata=_positive())
     hold_readings: int = field(default=10, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    report: str = field(default="onset", metadata=_check(
+        lambda v: v in ("onset", "every"), 'must be "onset" or "every"'))
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,8 @@ class AlertsConfig:
     # Half the topic length at most, so every stream id keeps room after the prefix.
     topic_prefix: str = field(default="anomalies", metadata=_topic_name(32767))
     status_topic: str = field(default="anomaly-detector/status", metadata=_topic_name())
+    max_queued: int = field(default=10_000, metadata=_check(lambda v: 0 < v <= 65535,  # alerts held while away
+                            "must be 1-65535 (MQTT's 16-bit packet ids)"))
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,9 @@ class LearnConfig:
     max_concurrent: int = field(default=1, metadata=_positive())
     timeout_s: float = field(default=600.0, metadata=_positive())
     retry_after_s: float = field(default=300.0, metadata=_positive())
+    refit_interval_s: float = field(default=86400.0, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    refit_window: int = field(default=5000, metadata=_check(lambda v: v >= 40, "must be >= 40"))
+    new_normal_readings: int = field(default=1000, metadata=_positive())
 
 
 @dataclass(frozen=True)
@@ -214,7 +221,7 @@ class StateConfig:
 @dataclass(frozen=True)
 class WorkerConfig:
     queue_size: int = field(default=100_000, metadata=_positive())
-    max_batch: int = field(default=4096, metadata=_positive())
+    max_batch: int = field(default=65536, metadata=_positive())
     max_wait_ms: float = field(default=5.0, metadata=_check(lambda v: v >= 0, "must be >= 0"))
     overload: str = field(default="drop_oldest", metadata=_one_of("drop_oldest", "drop_newest"))
     shutdown_timeout_s: float = field(default=10.0, metadata=_positive())
@@ -327,6 +334,12 @@ def parse(raw: dict[str, Any], path: str = "config", base_dir: Path = Path("."))
         raise InputError(f"{path}: [mqtt] password_file", "give password_file or password_env, not both")
     if bool(cfg.mqtt.cert_file) != bool(cfg.mqtt.key_file):
         raise InputError(f"{path}: [mqtt] cert_file", "cert_file and key_file go together")
+    if not cfg.mqtt.tls and (cfg.mqtt.ca_file or cfg.mqtt.cert_file or cfg.mqtt.key_file):
+        raise InputError(f"{path}: [mqtt] tls", "ca_file/cert_file/key_file are set but tls = false: "
+                                                "the connection would not be encrypted")
+    if (cfg.mqtt.password_file or cfg.mqtt.password_env) and not cfg.mqtt.username:
+        raise InputError(f"{path}: [mqtt] username", "needed with password_file/password_env: "
+                                                     "MQTT sends a password only with a user name")
     return cfg
 
 

@@ -91,7 +91,7 @@ class Daemon:
 
             self.learner = Learner(cfg, state_dir / "models", cfg.learn.warmup_readings,
                                    max_concurrent=cfg.learn.max_concurrent, timeout_s=cfg.learn.timeout_s,
-                                   retry_after_s=cfg.learn.retry_after_s)
+                                   retry_after_s=cfg.learn.retry_after_s, max_streams=cfg.engine.max_streams)
         self.intake = Intake(cfg.worker.queue_size, cfg.worker.overload)
         self.link = MqttLink(cfg, host, port, self.intake, self.metrics, protocol)
         self.worker = Worker(cfg, self.intake, self.metrics, self.link.publish, self.learner)
@@ -172,15 +172,26 @@ class Daemon:
 
     def shutdown(self) -> int:
         sdnotify.notify("STOPPING=1")
+        # One budget for every step, so the whole stop fits in shutdown_timeout_s whatever
+        # the broker does (an unreachable or hung broker included: see MqttLink.stop).
         timeout = self.cfg.worker.shutdown_timeout_s
         deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
         log.info("stopping: draining %d queued reading(s)", len(self.intake))
-        self.link.stop_intake()
-        if not self.worker.stop(max(deadline - time.monotonic(), 0.1)):
+        if self.cfg.mqtt.persistent_session:
+            # No unsubscribe: the subscription in the broker's session is what keeps the
+            # readings published while we are stopped, for the next start.
+            self.intake.close()
+        else:
+            self.link.stop_intake()
+        if not self.worker.stop(max(left(), 0.1)):
             log.error("worker did not finish within %.0f s", timeout)
         if self.learner is not None:
-            self.learner.close()
-        self.link.stop(max(deadline - time.monotonic(), 0.5))
+            self.learner.close(min(left(), 2.0))  # fits are killed, not waited for
+        self.link.stop(left())
         if self.server is not None:
             self.server.stop()
         if self.broker is not None:

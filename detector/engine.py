@@ -6,6 +6,13 @@ reading it returns the error, each feature's share of it, a calibrated score in 
 the flag, and episode events with hysteresis. No MQTT, no threads: the daemon's worker
 calls :meth:`Engine.process` once per micro-batch.
 
+The decision rule (``[score]``): an episode starts at ``min_flagged`` readings in a row
+scoring at least ``threshold`` and ends after ``clear_readings`` in a row below
+``clear_threshold``; a reading is flagged when it belongs to an episode (a run of normal
+readings inside one only while it is shorter than half the episode before it). With
+``report = "onset"`` the score of an episode's later readings is capped at
+``clear_threshold``: the score peaks once, at the onset (docs/quality.md).
+
 Policies:
 
 * **Order.** Several readings of one stream in one call are applied in the order given
@@ -142,6 +149,7 @@ class Engine:
         self.in_episode = extend(get("in_episode"), (cap,), bool, False)
         self.flagged_run = extend(get("flagged_run"), (cap,), np.int64, 0)
         self.normal_run = extend(get("normal_run"), (cap,), np.int64, 0)
+        self.episode_age = extend(get("episode_age"), (cap,), np.int64, 0)
         self.recent = extend(get("recent"), (cap,), np.float64, 0.0)
         self.lt_mean = extend(get("lt_mean"), (cap,), np.float64, 0.0)
         self.lt_var = extend(get("lt_var"), (cap,), np.float64, 1.0)
@@ -161,6 +169,7 @@ class Engine:
         self.in_episode[slot] = False
         self.flagged_run[slot] = 0
         self.normal_run[slot] = 0
+        self.episode_age[slot] = 0
         self.recent[slot] = self._lt0_mean
         self.lt_mean[slot] = self._lt0_mean
         self.lt_var[slot] = self._lt0_var
@@ -209,7 +218,7 @@ class Engine:
 
     # ---- checkpoints -------------------------------------------------------------
     _STATE_ARRAYS = ("h", "c", "pred", "smoothed", "count", "last_ts", "last_seen", "in_episode",
-                     "flagged_run", "normal_run", "recent", "lt_mean", "lt_var",
+                     "flagged_run", "normal_run", "episode_age", "recent", "lt_mean", "lt_var",
                      "lt_excess", "lt_var1", "lt_excess1")
 
     def snapshot(self) -> dict[str, np.ndarray]:
@@ -325,7 +334,7 @@ class Engine:
         else:
             score = self.bundle.calibration.score(sm)
         warm = count >= self.cfg.settle_readings
-        flag = (score >= self.cfg.threshold) & warm
+        above = (score >= self.cfg.threshold) & warm
         if self.cfg.method == "likelihood":
             # Long-run statistics follow the stream, so a new level stops being anomalous
             # after a while. Readings in the tail count in proportion to how likely they
@@ -338,23 +347,36 @@ class Engine:
             self.lt_var[slots], self.lt_excess[slots] = follow(recent - mean, var, excess, a, self._min_std)
             self.lt_var1[slots], self.lt_excess1[slots] = follow(s - mean, var1, excess1, a, self._min_std1)
             self.recent[slots] = recent
-        # A flagged reading is replaced by the forecast in what the state is fed, but only
+        # A reading at the threshold is replaced by the forecast in what the state is fed, but only
         # for the first hold_readings of a run: past that the state follows the (clipped)
         # readings again, so a long episode cannot leave the forecasts free-running.
-        hold = flag & (self.flagged_run[slots] < self.cfg.hold_readings)
+        hold = above & (self.flagged_run[slots] < self.cfg.hold_readings)
         h, c, y_next = advance(self.rt, self.kind, d, y, h, c, hold=hold)
         self.h[slots] = h
         self.c[slots] = c
         self.pred[slots] = y_next
         normal = (score < self.cfg.clear_threshold) | ~warm
-        flagged_run = np.where(flag, self.flagged_run[slots] + 1, 0)
+        flagged_run = np.where(above, self.flagged_run[slots] + 1, 0)
         normal_run = np.where(normal, self.normal_run[slots] + 1, 0)
         was = self.in_episode[slots]
         starts = ~was & (flagged_run >= self.cfg.min_flagged)
         ends = was & (normal_run >= self.cfg.clear_readings)
         now_in = (was | starts) & ~ends
 
+        # The decision: a reading is flagged when it belongs to an episode, including a run
+        # of normal readings inside it while that run is shorter than half the episode
+        # before it: a collective anomaly stays flagged while its score wavers, and one
+        # spike is not followed by clear_readings of flags.
+        age = np.where(now_in, np.where(was, self.episode_age[slots] + 1, 1), 0)
+        flag = now_in & (2 * normal_run < age - normal_run)
+        if self.cfg.report == "onset":
+            # Report news only: once an episode has started, the readings after it score at
+            # most clear_threshold, so the score peaks once at the onset of each episode
+            # (what alerts and NAB-style scoring act on) and stays low while the episode
+            # goes on; the episode itself is still judged on the full score.
+            score = np.where(was, np.minimum(score, self.cfg.clear_threshold), score)
         self.flagged_run[slots] = flagged_run
+        self.episode_age[slots] = age
         self.normal_run[slots] = normal_run
         self.in_episode[slots] = now_in
         self.count[slots] = count + 1

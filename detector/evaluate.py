@@ -82,6 +82,12 @@ def point_metrics(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
             "FAR": fp / max(fp + tn, 1), "MAR": fn / max(fn + tp, 1)}
 
 
+def onsets(flag: np.ndarray) -> np.ndarray:
+    """The first row of every run of flags."""
+    flag = flag.astype(bool)
+    return flag & ~np.concatenate([[False], flag[:-1]])
+
+
 def mask(n: int, windows: list[tuple[int, int]]) -> np.ndarray:
     m = np.zeros(n, dtype=bool)
     for s, e in windows:
@@ -274,17 +280,19 @@ def load(scores: list[Path], labels: list[Path], label_column: str | None = None
 def evaluate(files: list[Series], profiles: dict[str, dict[str, float]] | None = None,
              skip_rows: int | str = 0) -> dict[str, Any]:
     """Point metrics per file and in total (rows after ``skip_rows``, or the NAB probation),
-    and the NAB score per profile, plus the NAB score of the ``anomaly`` flags as given."""
+    and the NAB score per profile, plus the NAB score of the alerts as given: the rows where
+    a run of ``anomaly`` flags starts."""
     skips = [probation_rows(len(f.score)) if skip_rows == "probation" else int(skip_rows) for f in files]
     per = [point_metrics(f.flag[k:], f.label[k:]) for f, k in zip(files, skips)]
     total = point_metrics(np.concatenate([f.flag[k:] for f, k in zip(files, skips)]),
                           np.concatenate([f.label[k:] for f, k in zip(files, skips)]))
     profiles = profiles or PROFILES
     nab = nab_corpus(files, profiles)
-    # The daemon acts on its flags, not on a threshold tuned afterwards: score those as given.
+    # The daemon acts on its flags, not on a threshold tuned afterwards: score its alerts
+    # (anomaly_start = the first flag of a run; the rest of the run is the same episode).
     std = profiles.get("standard", next(iter(profiles.values())))
-    flagged = [nab_file(Series(f.path, f.table, f.flag.astype(float), f.flag, f.label, f.windows), 0.5, std)
-               for f in files]
+    flagged = [nab_file(Series(f.path, f.table, onsets(f.flag).astype(float), f.flag, f.label, f.windows),
+                        0.5, std) for f in files]
     null, perfect = -std["fnWeight"] * nab["windows"], std["tpWeight"] * nab["windows"]
     raw = sum(d["raw"] for d in flagged)
     as_flagged = {"threshold": None, "raw": raw, "null": null, "perfect": perfect,
@@ -307,7 +315,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines += ["", f"NAB score ('score' column, {nab['windows']} windows, probationary rows not scored, "
                   + "one threshold per profile over all files):",
               f"{'profile':22} {'threshold':>10} {'raw':>9} {'null':>7} {'perfect':>7} {'score':>7}"]
-    rows = [(k, v) for k, v in nab["profiles"].items()] + [("anomaly flags (standard)", r["nab_flags"])]
+    rows = [(k, v) for k, v in nab["profiles"].items()] + [("alerts: flag onsets (standard)", r["nab_flags"])]
     for k, v in rows:
         th = "flags" if v is r["nab_flags"] else ("none" if v["threshold"] is None else f"{v['threshold']:.9g}")
         sc = "n/a" if v["score"] is None else f"{v['score']:.1f}"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import ssl
+import sys
 import threading
 import time
 from pathlib import Path
@@ -57,11 +59,67 @@ def _password(cfg: Config) -> str | None:
             return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as err:
             raise InputError(f"[mqtt] password_file {path}", f"cannot read: {err.strerror or err}") from None
+        except UnicodeDecodeError:  # its message would quote the password's bytes
+            raise InputError(f"[mqtt] password_file {path}", "not UTF-8 text") from None
     if m.password_env:
         if m.password_env not in os.environ:
             raise InputError("[mqtt] password_env", f"environment variable {m.password_env} is not set")
         return os.environ[m.password_env]
     return None
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    # Without a callback OpenSSL asks for the passphrase on the terminal: a daemon would
+    # hang (or fail obscurely) at start. Refuse instead.
+    raise _EncryptedKey
+
+
+def _readable(key: str, path: Path) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:  # missing, a directory, no permission
+        raise InputError(f"[mqtt] {key} {path}", f"cannot read: {err.strerror or err}") from None
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext:
+    """TLS for ``[mqtt] tls``: the broker's certificate verified against ``ca_file`` (else
+    the system CAs) and its host name checked; ``cert_file``/``key_file`` the client's.
+
+    Every file is loaded here, at start, so a missing, unreadable or wrong one stops the
+    start with one line naming its key and file instead of a reconnect loop (or, for an
+    encrypted key, a passphrase prompt)."""
+    m = cfg.mqtt
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    if m.ca_file:
+        ca = cfg.resolve(m.ca_file)
+        _readable("ca_file", ca)
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (ssl.SSLError, ValueError) as err:
+            raise InputError(f"[mqtt] ca_file {ca}", f"no PEM certificate in it ({err})") from None
+    else:
+        ctx.load_default_certs()
+    if m.cert_file:  # config.py makes cert_file and key_file go together
+        cert, key = cfg.resolve(m.cert_file), cfg.resolve(m.key_file)
+        _readable("cert_file", cert)
+        _readable("key_file", key)
+        try:  # the certificate alone first, so a bad key is not blamed on it
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(cert))
+        except (ssl.SSLError, ValueError) as err:
+            raise InputError(f"[mqtt] cert_file {cert}", f"no PEM certificate in it ({err})") from None
+        try:
+            ctx.load_cert_chain(str(cert), str(key), password=_no_passphrase)
+        except _EncryptedKey:
+            raise InputError(f"[mqtt] key_file {key}", "the key is encrypted; give an unencrypted key "
+                                                       "readable by this service only") from None
+        except (ssl.SSLError, ValueError) as err:
+            raise InputError(f"[mqtt] key_file {key}", f"not the private key of cert_file {cert} ({err})") from None
+    return ctx
 
 
 class ReadAheadClient(mqtt.Client):
@@ -78,16 +136,19 @@ class ReadAheadClient(mqtt.Client):
     """
 
     READ_AHEAD = 65536
-    MAX_PACKETS = 10_000  # per loop: then paho gets to write (PUBACKs, alerts) and ping
+    # Packets per loop_read before paho gets back to writing (alerts, PUBACKs) and pinging:
+    # a steady inflow must not starve the other direction.
+    MAX_PACKETS = 1000
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._rbuf = b""
         self._rpos = 0
+        self._exact = False  # past MAX_PACKETS: read only what the current packet needs
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
-            data = super()._sock_recv(max(bufsize, self.READ_AHEAD))
+            data = super()._sock_recv(bufsize if self._exact else max(bufsize, self.READ_AHEAD))
             if len(data) <= bufsize:
                 return data  # b"" (connection closed) included
             self._rbuf, self._rpos = data, 0
@@ -98,15 +159,13 @@ class ReadAheadClient(mqtt.Client):
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
         # Return only with the read-ahead buffer empty: paho's next select() cannot see
         # bytes we hold, and would sleep on them.
+        self._exact = False
         rc = super().loop_read(max_packets)
         done = 1
-        while rc == mqtt.MQTT_ERR_SUCCESS and self._sock is not None and (
-                self._rpos < len(self._rbuf) or done < self.MAX_PACKETS):
-            before = (self._rbuf, self._rpos)
+        while rc == mqtt.MQTT_ERR_SUCCESS and self._sock is not None and self._rpos < len(self._rbuf):
             rc = super().loop_read(1)
             done += 1
-            if self._rpos >= len(self._rbuf) and before == (self._rbuf, self._rpos):
-                break  # nothing more to read right now
+            self._exact = done >= self.MAX_PACKETS
         return rc
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
@@ -126,6 +185,7 @@ class MqttLink:
         self._invalid_log = RateLimitedLog(cfg.log.invalid_interval_s)
         self._connect_fail_log = RateLimitedLog(60.0)
         self.connected = threading.Event()
+        self._refused = False
         self.subscribed = threading.Event()
         kwargs = {} if self._v5 else {"clean_session": not m.persistent_session}
         self.client = ReadAheadClient(CallbackAPIVersion.VERSION2, client_id=m.client_id,
@@ -136,23 +196,23 @@ class MqttLink:
         if m.username or password is not None:
             self.client.username_pw_set(m.username or None, password)
         if m.tls:
-            for key in ("ca_file", "cert_file", "key_file"):
-                value = getattr(m, key)
-                if value and not os.access(cfg.resolve(value), os.R_OK):
-                    raise InputError(f"[mqtt] {key} {cfg.resolve(value)}", "missing or unreadable")
-            self.client.tls_set(ca_certs=str(cfg.resolve(m.ca_file)) if m.ca_file else None,
-                                certfile=str(cfg.resolve(m.cert_file)) if m.cert_file else None,
-                                keyfile=str(cfg.resolve(m.key_file)) if m.key_file else None,
-                                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            self.client.tls_set_context(tls_context(cfg))
         self.client.reconnect_delay_set(int(max(1, m.reconnect_min_s)), int(max(1, m.reconnect_max_s)))
-        # Alerts published while the broker is away wait in paho's queue; bounded so an
-        # outage cannot grow memory without limit.
-        self.client.max_queued_messages_set(10_000)
+        # Alerts published while the broker is away wait in paho's queue, at most [alerts]
+        # max_queued of them (see publish()), so an outage cannot grow memory without limit.
+        # paho's own bound sits above ours: the retained status is never refused.
+        self._max_queued = cfg.alerts.max_queued
+        self._unacked: set[int] = set()  # mids of alerts not yet acknowledged by the broker
+        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()  # from on_publish
+        self._drop_log = RateLimitedLog(60.0)
+        self.client.max_queued_messages_set(self._max_queued + 16)
+        self.client.on_publish = self._on_publish
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
+        self.client.manual_ack_set(True)
 
     # ---- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -177,19 +237,60 @@ class MqttLink:
         self._intake.close()
 
     def stop(self, timeout: float) -> None:
-        """Publish ``offline`` (retained), disconnect, stop the network thread."""
+        """Publish ``offline`` (retained), disconnect and stop the network thread, within
+        ``timeout`` seconds whatever the broker does. paho's ``loop_stop()`` waits for a
+        connection attempt in progress (up to its 5 s connect timeout, or a TLS handshake)
+        and for a hung broker to take our DISCONNECT, so it runs in a helper thread that
+        gets the time left; past that the process exits without it (paho's network thread
+        is a daemon thread) and the broker publishes the last will, ``offline``."""
+        deadline = time.monotonic() + timeout
         if self.connected.is_set():
-            info = self.publish(self._cfg.alerts.status_topic, b"offline", retain=True)
+            info = self.client.publish(self._cfg.alerts.status_topic, b"offline", qos=1, retain=True)
             try:
-                info.wait_for_publish(timeout=timeout)
+                # A fifth of the budget stays for the disconnect itself.
+                info.wait_for_publish(timeout=max(0.0, (deadline - time.monotonic()) * 0.8))
+                published = info.is_published()
             except (RuntimeError, ValueError):
-                log.warning("could not publish offline status before disconnecting")
+                published = False
+            if not published:
+                log.warning("offline status not acknowledged by the broker before disconnecting")
         self.client.disconnect()
-        self.client.loop_stop()
+        stopper = threading.Thread(target=self.client.loop_stop, name="mqtt-stop", daemon=True)
+        stopper.start()
+        stopper.join(max(0.0, deadline - time.monotonic()))
+        if stopper.is_alive():
+            log.warning("MQTT network thread still busy with the broker after the shutdown budget; "
+                        "leaving it")
         self._metrics.mqtt_connected.set(0)
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=1, retain=retain)
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo | None:
+        """Publish at QoS 1; None when refused. Alerts (not retained; published from one
+        thread, the worker) are refused once ``[alerts] max_queued`` of them wait for the
+        broker's acknowledgement, which only happens when it is away or too slow, and
+        each refusal is counted in ``dropped_alerts_total{reason="queue_full"}``. paho
+        keeps the queued ones across reconnects and resends them. The retained status
+        (one message at a time) is never refused."""
+        if retain:
+            return self.client.publish(topic, payload, qos=1, retain=True)
+        while True:  # forget the alerts acknowledged since the last call
+            try:
+                self._unacked.discard(self._acks.get_nowait())
+            except queue.Empty:
+                break
+        if len(self._unacked) < self._max_queued:
+            info = self.client.publish(topic, payload, qos=1)
+            if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:  # NO_CONN means queued: sent on reconnect
+                self._unacked.add(info.mid)
+                return info
+        self._metrics.dropped_alerts.labels(reason="queue_full").inc()
+        self._drop_log.warning("alert_queue_full", f"alert queue full ({self._max_queued} alerts waiting for "
+                                                   f"the broker, [alerts] max_queued): dropped an alert on {topic!r}")
+        return None
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: mqtt.ReasonCode,
+                    props: object = None) -> None:
+        # Runs under paho's message lock: only hand the mid over, never wait for anything.
+        self._acks.put(mid)
 
     def _stream_id(self, topic: str) -> str | None:
         """The stream id for a topic: ``[mqtt] stream_id`` with ``{topic}`` and the topic's
@@ -207,6 +308,7 @@ class MqttLink:
                     reason: mqtt.ReasonCode, props: object = None) -> None:
         try:
             if reason.is_failure:
+                self._refused = True  # on_disconnect follows: this line says it all
                 log.error("broker %s:%d refused the connection: %s", self._host, self._port, reason)
                 return
             self.connected.set()
@@ -219,8 +321,12 @@ class MqttLink:
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         # Refused TCP, DNS or TLS failures end here, not in on_connect: say so, or an
-        # unreachable broker would only show as "not subscribed".
-        self._connect_fail_log.warning("connect", f"cannot connect to {self._host}:{self._port}; "
+        # unreachable broker would only show as "not subscribed". paho calls this inside
+        # its `except OSError`, so the error at hand is the reason (e.g. certificate
+        # verify failed).
+        err = sys.exc_info()[1]
+        why = f" ({' '.join(str(err).split())[:200]})" if err is not None else ""
+        self._connect_fail_log.warning("connect", f"cannot connect to {self._host}:{self._port}{why}; "
                                                   "retrying with back-off")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
@@ -236,13 +342,26 @@ class MqttLink:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                        reason: mqtt.ReasonCode, props: object = None) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
         self.subscribed.clear()
         self._metrics.mqtt_connected.set(0)
-        if reason.is_failure:
+        refused, self._refused = self._refused, False
+        if refused:
+            pass
+        elif not was_connected:
+            # Refused during the connect itself (a TLS 1.3 broker rejecting our missing
+            # client certificate, bad credentials): a failed connect, rate-limited like one.
+            self._connect_fail_log.warning("connect", f"cannot connect to {self._host}:{self._port} "
+                                                      f"({reason}); retrying with back-off")
+        elif reason.is_failure:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        # Acknowledged here, not by paho on arrival (manual_ack_set): a QoS 1 message that
+        # arrives while we are stopping stays unacknowledged, so with a persistent session
+        # the broker delivers it again to the next start instead of it being lost.
+        ack = True
         try:
             received = time.time()
             stream = self._stream_id(msg.topic)
@@ -256,10 +375,23 @@ class MqttLink:
                 self._metrics.invalid.labels(reason=r.reason).inc()
                 self._invalid_log.warning(r.reason, f"invalid reading on {msg.topic!r}: {r.reason}: {r.detail}")
             if readings:
+                if self._intake.closed and msg.qos > 0 and self._cfg.mqtt.persistent_session:
+                    ack = False  # redelivered after the restart: neither lost nor counted twice
+                    return
                 dropped = self._intake.put([Item(r, received) for r in readings])
                 if dropped:
-                    self._metrics.dropped.labels(reason="queue_full").inc(dropped)
-                    self._invalid_log.warning("queue_full", f"queue full: dropped {dropped} reading(s)")
+                    # After the intake closed (a stop in progress) nothing is queued any more:
+                    # that is not an overload.
+                    reason = "shutdown" if self._intake.closed else "queue_full"
+                    self._metrics.dropped.labels(reason=reason).inc(dropped)
+                    self._invalid_log.warning(reason, f"{'stopping' if reason == 'shutdown' else 'queue full'}: "
+                                                      f"dropped {dropped} reading(s)")
         except Exception:
             self._metrics.invalid.labels(reason="internal_error").inc()
             log.exception("error handling a message on %r", getattr(msg, "topic", "?"))
+        finally:
+            if ack and msg.qos > 0:
+                try:
+                    client.ack(msg.mid, msg.qos)
+                except Exception:  # a lost connection: the broker redelivers it anyway
+                    pass

@@ -50,8 +50,9 @@ class Intake:
                 else:
                     dropped = len(items) - max(room, 0)
                     items = items[: max(room, 0)]
+            was_empty = not self._items
             self._items.extend(items)
-            if items:
+            if items and was_empty:  # the worker only waits on an empty queue
                 self._cond.notify()
             return dropped
 
@@ -67,6 +68,10 @@ class Intake:
                 self._cond.wait(left)
             n = min(max_items, len(self._items))
             return [self._items.popleft() for _ in range(n)]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Stop accepting readings (shutdown: what is queued can still be taken)."""

@@ -28,6 +28,7 @@ import sys
 import time
 import traceback
 import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -46,6 +47,7 @@ class FitResult:
     bundle_path: Path | None  # None when the fit failed
     error: str | None  # one line, when failed
     seconds: float
+    result: str = "ok"  # "ok", "failed" (raised, or the process died) or "timeout" (killed)
 
 
 def safe_name(stream: str) -> str:
@@ -100,23 +102,29 @@ class Learner:
         self.timeout_s, self.retry_after_s, self.max_streams = timeout_s, retry_after_s, max_streams
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self._streams: dict[str, _Stream] = {}
+        # Streams still collecting, least recently added first: at capacity the first one
+        # makes room, so a flood of junk ids cannot lock real streams out of learning.
+        self._collecting: OrderedDict[str, None] = OrderedDict()
         self._queue: list[str] = []  # full buffers waiting for a free fit slot, FIFO
         self._done: list[FitResult] = []
         self._next_sweep = 0.0
         self.stats: dict[str, int] = dict.fromkeys(
-            ("fits_started", "fits_ok", "fits_failed", "fits_timeout", "dropped_capacity",
+            ("fits_started", "fits_ok", "fits_failed", "fits_timeout", "dropped_capacity", "evicted_capacity",
              "dropped_features", "evicted_idle"), 0)
 
     def add(self, stream: str, ts: float, values: np.ndarray, features: list[str]) -> None:
         st = self._streams.get(stream)
         now = time.monotonic()
         if st is None:
-            if len(self._streams) >= self.max_streams and not self._sweep_idle(now):
+            if not self._make_room(now):
                 self.stats["dropped_capacity"] += 1
                 return
             nf = len(features)
             st = _Stream(list(features), np.zeros(self.warmup), np.zeros((self.warmup, nf)))
             self._streams[stream] = st
+            self._collecting[stream] = None
+        elif st.state == "collecting":
+            self._collecting.move_to_end(stream)
         if st.state == "fitting" or not (np.isfinite(ts) and ts > st.last_ts):
             return
         if list(features) != st.features:  # a model has one feature list; keep the first
@@ -127,8 +135,26 @@ class Learner:
         st.n, st.last_ts, st.last_add = st.n + 1, float(ts), now
         if st.state == "collecting" and st.n >= self.warmup:
             st.state = "waiting"
+            self._collecting.pop(stream, None)
             self._queue.append(stream)
             self._pump(now)
+
+    def refit(self, stream: str, times: np.ndarray, values: np.ndarray, features: list[str]) -> bool:
+        """Fit a stream that already has a model again, on ``times``/``values`` (its recent
+        normal readings, chosen by :mod:`detector.refit`); the result comes from
+        :meth:`poll` like a first fit's, failures are counted and retried the same way.
+        False when a fit for the stream is already waiting or running, or the learner is
+        full."""
+        now = time.monotonic()
+        if stream in self._streams or not self._make_room(now):
+            return False
+        n = len(times)
+        self._streams[stream] = _Stream(list(features), np.array(times, dtype=np.float64),
+                                        np.array(values, dtype=np.float64).reshape(n, len(features)),
+                                        n=n, last_ts=float(times[-1]), last_add=now, state="waiting")
+        self._queue.append(stream)
+        self._pump(now)
+        return True
 
     def poll(self) -> list[FitResult]:
         now = time.monotonic()
@@ -154,9 +180,23 @@ class Learner:
                 st.proc.join(1.0)
             self._discard(st, keep_complete=True)  # one finished but not yet polled
         self._streams.clear()
+        self._collecting.clear()
         self._queue.clear()
 
     # ---- internals --------------------------------------------------------------------
+    def _make_room(self, now: float) -> bool:
+        """Room for one more stream: at capacity, idle streams go first, then the least
+        recently added stream still collecting (counted); False when every stream held
+        is a fit waiting or running."""
+        if len(self._streams) < self.max_streams or self._sweep_idle(now):
+            return True
+        if not self._collecting:
+            return False
+        oldest, _ = self._collecting.popitem(last=False)
+        del self._streams[oldest]
+        self.stats["evicted_capacity"] += 1
+        return True
+
     def _sweep_idle(self, now: float) -> bool:
         """Forget collecting streams silent for idle_timeout_s, so dead ids cannot hold the
         capacity for ever; at most once a minute, as a flood of new ids calls this a lot."""
@@ -167,6 +207,7 @@ class Learner:
                 and now - st.last_add > self.cfg.engine.idle_timeout_s]
         for s in idle:
             del self._streams[s]
+            self._collecting.pop(s, None)
         self.stats["evicted_idle"] += len(idle)
         return bool(idle)
 
@@ -212,7 +253,7 @@ class Learner:
             st.proc.kill()
             st.proc.join(2.0)
             self.stats["fits_timeout"] += 1
-            return self._fail(sid, st, now, f"fit timed out after {self.timeout_s:g} s; killed")
+            return self._fail(sid, st, now, f"fit timed out after {self.timeout_s:g} s; killed", "timeout")
         path, error = st.reply if st.reply is not None else (None, _died(st.proc.exitcode))
         if st.proc.is_alive():
             st.proc.kill()
@@ -223,10 +264,10 @@ class Learner:
             del self._streams[sid]
             return
         self.stats["fits_failed"] += 1
-        self._fail(sid, st, now, error or "fit failed")
+        self._fail(sid, st, now, error or "fit failed", "failed")
 
-    def _fail(self, sid: str, st: _Stream, now: float, error: str) -> None:
-        self._done.append(FitResult(sid, None, error, now - st.started))
+    def _fail(self, sid: str, st: _Stream, now: float, error: str, result: str) -> None:
+        self._done.append(FitResult(sid, None, error, now - st.started, result))
         self._discard(st, keep_complete=False)
         st.state, st.retry_at, st.proc = "waiting", now + self.retry_after_s, None
         self._queue.append(sid)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from detector.payloads import REASONS as PAYLOAD_REASONS
@@ -23,9 +24,11 @@ PREFIX = "anomaly_detector"
 # rate(...{reason="queue_full"}[5m]) > 0 needs the series to exist before the first drop.
 INVALID_REASONS = PAYLOAD_REASONS + ("bad_topic", "feature_mismatch", "duplicate", "out_of_order",
                                      "future_timestamp", "missing_values")
-DROPPED_REASONS = ("queue_full", "learning", "no_model", "internal_error")
+DROPPED_REASONS = ("queue_full", "learning", "no_model", "internal_error", "shutdown")
 EVENTS = ("anomaly_start", "anomaly_end")
 EVICTION_REASONS = ("idle", "max_streams")
+ALERT_DROP_REASONS = ("queue_full",)
+FIT_RESULTS = ("ok", "failed", "timeout")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -49,6 +52,9 @@ class Metrics:
     learned_models: Gauge
     reload_failures: Counter
     healthy: Gauge
+    dropped_alerts: Counter
+    learn_fits: Counter
+    refits: Counter
 
 
 def create(registry: CollectorRegistry | None = None) -> Metrics:
@@ -84,9 +90,18 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
                                 registry=reg),
         healthy=Gauge(name("healthy"), "1 while /healthz would answer 200 (worker alive, subscribed)",
                       registry=reg),
+        dropped_alerts=Counter(name("dropped_alerts"), "Alerts not published, by reason (queue_full: the "
+                               "outgoing queue held [alerts] max_queued unacknowledged alerts)", ["reason"],
+                               registry=reg),
+        learn_fits=Counter(name("learn_fits"), "Learn-from-stream fits finished, by result "
+                           "(ok, failed, timeout)", ["result"], registry=reg),
+        refits=Counter(name("refits"), "Learned models refitted on their stream's recent normal readings "
+                       "and swapped in", registry=reg),
     )
     for counter, values, label in ((m.invalid, INVALID_REASONS, "reason"), (m.dropped, DROPPED_REASONS, "reason"),
-                                   (m.alerts, EVENTS, "event"), (m.evicted, EVICTION_REASONS, "reason")):
+                                   (m.alerts, EVENTS, "event"), (m.evicted, EVICTION_REASONS, "reason"),
+                                   (m.dropped_alerts, ALERT_DROP_REASONS, "reason"),
+                                   (m.learn_fits, FIT_RESULTS, "result")):
         for v in values:
             counter.labels(**{label: v})
     return m
@@ -123,7 +138,9 @@ class MetricsServer:
 
         self._server = ThreadingHTTPServer((address, port), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        # stop() waits up to one poll interval: short, as it counts against the shutdown budget.
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="metrics-http", daemon=True)
 
     @property
     def port(self) -> int:
@@ -135,3 +152,24 @@ class MetricsServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def observe_many(hist: Histogram, values: np.ndarray) -> None:
+    """``hist.observe(v)`` for every value, in one pass: a per-reading ``observe`` costs
+    more than scoring the reading. Uses the histogram's bucket counters the way
+    ``Histogram.observe`` does (a value goes to the first bucket whose bound is >= it);
+    falls back to ``observe`` if a prometheus-client release changes them."""
+    if not len(values):
+        return
+    bounds = getattr(hist, "_upper_bounds", None)
+    buckets = getattr(hist, "_buckets", None)
+    total = getattr(hist, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values.tolist():
+            hist.observe(v)
+        return
+    counts = np.bincount(np.searchsorted(np.asarray(bounds, dtype=np.float64), values, side="left"),
+                         minlength=len(bounds))
+    total.inc(float(values.sum()))
+    for i in np.flatnonzero(counts).tolist():
+        buckets[i].inc(int(counts[i]))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +28,8 @@ from detector.alerts import alert_payload, alert_topic
 from detector.config import Config
 from detector.engine import Engine
 from detector.intake import Intake, Item
-from detector.metrics import Metrics
+from detector.metrics import Metrics, observe_many
+from detector.refit import RefitPlan
 
 log = logging.getLogger("detector.worker")
 
@@ -58,6 +61,7 @@ class Worker:
         self.learner = learner
         self.models = Models()
         self._route_cache: dict[str, Engine | str | None] = {}
+        self._learner_evicted = 0
         self._engine_paths: dict[int, Path] = {}
         self.heartbeat = time.monotonic()
         self._stop = threading.Event()
@@ -65,6 +69,9 @@ class Worker:
         self._next_checkpoint = time.monotonic() + cfg.state.checkpoint_interval_s
         self.thread = threading.Thread(target=self._run, name="worker", daemon=True)
         self.state_dir = cfg.resolve(cfg.state.dir)
+        lc = cfg.learn
+        self.refits = RefitPlan(lc.refit_window, lc.refit_interval_s, lc.new_normal_readings,
+                                lc.warmup_readings) if learner is not None else None
 
     # ---- models ------------------------------------------------------------------
     def install(self, cfg: Config, bundles: dict[Path, bundle.Bundle]) -> None:
@@ -117,8 +124,8 @@ class Worker:
             target = next((e for pattern, e in self.models.routes if topic_matches_sub(pattern, stream)), None)
         if target is None and self.learner is not None and self.cfg.learn.enabled:
             target = LEARN
-        if len(self._route_cache) > 4 * self.cfg.engine.max_streams:
-            self._route_cache.clear()  # bounded: a flood of ids must not grow it forever
+        if len(self._route_cache) >= self.cfg.engine.max_streams:
+            self._route_cache.clear()  # bounded like the stream state: a flood of ids must not grow it
         self._route_cache[stream] = target
         return target
 
@@ -166,72 +173,114 @@ class Worker:
                 self.metrics.reload_failures.inc()
         if self.learner is not None:
             self._collect_learned()
+            self._start_refits()
         if time.monotonic() >= self._next_checkpoint:
             self.checkpoint()
             self._next_checkpoint = time.monotonic() + self.cfg.state.checkpoint_interval_s
 
     # ---- scoring -----------------------------------------------------------------
+    # Everything here runs once per reading at up to tens of thousands of readings a
+    # second, on the thread that shares the GIL with paho's: per-reading work is kept to
+    # plain list operations, and metrics are updated once per batch.
     def process(self, items: list[Item]) -> None:
         groups: dict[int, tuple[Engine, list[Item]]] = {}
+        cache = self._route_cache
+        learning = no_model = 0
         for it in items:
-            target = self._route(it.reading.stream)
-            if isinstance(target, Engine):
-                groups.setdefault(id(target), (target, []))[1].append(it)
+            stream = it.reading.stream
+            target = cache[stream] if stream in cache else self._route(stream)
+            if target.__class__ is Engine:
+                key = id(target)
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = group = (target, [])  # type: ignore[assignment]
+                group[1].append(it)
             elif target == LEARN:
                 self._learn(it)
-                self.metrics.dropped.labels(reason="learning").inc()  # collected, not scored
+                learning += 1  # collected for a fit, not scored
             else:
-                self.metrics.dropped.labels(reason="no_model").inc()
+                no_model += 1
+        if learning:
+            self.metrics.dropped.labels(reason="learning").inc(learning)
+            evicted = self.learner.stats["evicted_capacity"]  # type: ignore[union-attr]
+            if evicted > self._learner_evicted:  # collecting streams made room for new ones
+                self.metrics.evicted.labels(reason="max_streams").inc(evicted - self._learner_evicted)
+                self._learner_evicted = evicted
+        if no_model:
+            self.metrics.dropped.labels(reason="no_model").inc(no_model)
         now = time.time()
         for eng, group in groups.values():
             self._score(eng, group, now)
         self.metrics.streams.set(sum(e.n_streams for e in self._engines()))
 
-    def _values(self, eng: Engine, it: Item) -> np.ndarray | None:
-        r = it.reading
-        if r.value is not None:
-            return np.array([r.value]) if eng.n_features == 1 else None
-        row = np.full(eng.n_features, np.nan)
-        idx = eng.feature_index
-        for name, v in r.values.items():  # type: ignore[union-attr]
-            j = idx.get(name)
-            if j is None:
-                return None
-            row[j] = v
-        return row
+    @staticmethod
+    def _rows(eng: Engine, group: list[Item]) -> tuple[list[list[float]], list[Item], int]:
+        """The readings as rows in the model's feature order (absent features NaN: the
+        engine scores on the others), the items they came from, and how many readings
+        named a feature the model does not have (or gave one value to a multi-feature
+        model)."""
+        feats, index = eng.features, eng.feature_index
+        n_feat = len(feats)
+        nan = math.nan
+        rows: list[list[float]] = []
+        keep: list[Item] = []
+        mismatch = 0
+        for it in group:
+            r = it.reading
+            values = r.values
+            if values is None:
+                if n_feat != 1:
+                    mismatch += 1
+                    continue
+                row = [r.value]
+            elif len(values) == n_feat and all(f in values for f in feats):
+                row = [values[f] for f in feats]
+            elif all(k in index for k in values):
+                row = [values.get(f, nan) for f in feats]
+            else:
+                mismatch += 1
+                continue
+            rows.append(row)  # type: ignore[arg-type]
+            keep.append(it)
+        return rows, keep, mismatch
 
     def _score(self, eng: Engine, group: list[Item], now: float) -> None:
-        rows, keep = [], []
-        for it in group:
-            row = self._values(eng, it)
-            if row is None:
-                self.metrics.invalid.labels(reason="feature_mismatch").inc()
-                continue
-            rows.append(row)
-            keep.append(it)
+        rows, keep, mismatch = self._rows(eng, group)
+        m = self.metrics
+        if mismatch:
+            m.invalid.labels(reason="feature_mismatch").inc(mismatch)
         if not keep:
             return
         streams = [it.reading.stream for it in keep]
-        ts = np.fromiter((it.reading.ts for it in keep), dtype=np.float64, count=len(keep))
+        ts = np.fromiter([it.reading.ts for it in keep], dtype=np.float64, count=len(keep))
         evicted_before = dict(eng.evicted)
-        res = eng.process(streams, ts, np.vstack(rows), now=now)
+        res = eng.process(streams, ts, np.array(rows, dtype=np.float64), now=now)
+        rejected: dict[str, int] = {}
         for reason in res.rejected.values():
-            self.metrics.invalid.labels(reason=reason).inc()
+            rejected[reason] = rejected.get(reason, 0) + 1
+        for reason, n in rejected.items():
+            m.invalid.labels(reason=reason).inc(n)
         for reason, n in eng.evicted.items():
             if n > evicted_before.get(reason, 0):
-                self.metrics.evicted.labels(reason=reason).inc(n - evicted_before.get(reason, 0))
-        self.metrics.readings.inc(res.scored)
+                m.evicted.labels(reason=reason).inc(n - evicted_before.get(reason, 0))
+        m.readings.inc(res.scored)
         flagged = int(res.flag.sum())
         if flagged:
-            self.metrics.anomalous.inc(flagged)
-        self.metrics.batch_size.observe(len(keep))
-        done = time.time()
-        for i, it in enumerate(keep):
-            if i not in res.rejected:
-                self.metrics.processing.observe(done - it.received)
+            m.anomalous.inc(flagged)
+        m.batch_size.observe(len(keep))
+        received = np.fromiter([it.received for it in keep], dtype=np.float64, count=len(keep))
+        if res.rejected:
+            received = np.delete(received, list(res.rejected))
+        observe_many(m.processing, time.time() - received)
+        if self.refits is not None and self.refits.enabled and self.models.learned.get(streams[0]) is eng:
+            ok = np.ones(len(keep), dtype=bool)
+            ok[list(res.rejected)] = False
+            self.refits.observe(streams[0], ts[ok], np.asarray(rows, dtype=np.float64)[ok], res.in_episode[ok])
         for ev in res.events:
-            self.publish(alert_topic(self.cfg.alerts.topic_prefix, ev.stream), alert_payload(ev, eng.rt.name))
-            self.metrics.alerts.labels(event=ev.event).inc()
+            # None: refused, the outgoing queue is full (counted in dropped_alerts_total).
+            if self.publish(alert_topic(self.cfg.alerts.topic_prefix, ev.stream),
+                            alert_payload(ev, eng.rt.name)) is not None:
+                m.alerts.labels(event=ev.event).inc()
             log.info("%s %s score %.4f (model %s)", ev.event, ev.stream, ev.score, ev.model["name"])
 
     # ---- learn-from-stream -------------------------------------------------------
@@ -245,28 +294,72 @@ class Worker:
         self.learner.add(r.stream, r.ts, values, features)  # type: ignore[union-attr]
 
     def _collect_learned(self) -> None:
-        for res in self.learner.poll():  # type: ignore[union-attr]
+        """Swap in finished fits. A failed fit (raised, died, timed out) leaves its stream
+        collecting, unscored, with the learner's retry scheduled; every result is counted
+        in ``learn_fits_total{result}``. Nothing here may end the worker thread."""
+        try:
+            results = self.learner.poll()  # type: ignore[union-attr]
+        except Exception:  # e.g. no process could be spawned: the learner retries next loop
+            log.exception("learn-from-stream: polling the fits failed")
+            return
+        for res in results:
             if res.bundle_path is None:
-                log.warning("learning a model for %s failed: %s", res.stream, res.error)
+                self.metrics.learn_fits.labels(result=res.result).inc()
+                log.warning("learning a model for %s failed (%s; retried in %.0f s): %s", res.stream,
+                            res.result, self.cfg.learn.retry_after_s, res.error)
                 continue
             try:
-                b = bundle.load(res.bundle_path)
-            except Exception as err:
+                eng = Engine(bundle.load(res.bundle_path), self.cfg.score, self.cfg.engine)
+            except Exception as err:  # the stream collects again and fits anew
+                self.metrics.learn_fits.labels(result="failed").inc()
                 log.warning("learned model for %s unusable: %s", res.stream, err)
                 continue
-            self.models.learned[res.stream] = Engine(b, self.cfg.score, self.cfg.engine)
+            self.metrics.learn_fits.labels(result="ok").inc()
+            prev = self.models.learned.get(res.stream)
+            if prev is not None:
+                self._swap_refit(res.stream, prev, eng)
+            self.models.learned[res.stream] = eng
             self._route_cache.pop(res.stream, None)
             self._learned_info()
             self._save_learned_index()
-            log.info("learned a model for %s in %.0f s: %s", res.stream, res.seconds, res.bundle_path)
+            if self.refits is not None:
+                self.refits.start(res.stream, eng.n_features, time.time())
+            if prev is not None:
+                if prev.bundle.path != eng.bundle.path:  # one bundle per stream on disk
+                    shutil.rmtree(prev.bundle.path, ignore_errors=True)
+                self.metrics.refits.inc()
+                log.info("refitted the model of %s in %.0f s: %s", res.stream, res.seconds, res.bundle_path)
+            else:
+                log.info("learned a model for %s in %.0f s: %s", res.stream, res.seconds, res.bundle_path)
 
-    def _save_learned_index(self) -> None:
-        index = {s: str(e.bundle.path) for s, e in self.models.learned.items()}
+    def _swap_refit(self, stream: str, prev: Engine, eng: Engine) -> None:
+        """A refit replaces a model the stream is already scored with: the stream keeps
+        its state (LSTM state, score statistics, episode), written at once next to the new
+        bundle so a crash right after the swap restores it from there."""
+        try:
+            eng.restore(prev.snapshot())
+        except ValueError as err:
+            log.warning("refitted model of %s changed shape; the stream starts over: %s", stream, err)
+        try:
+            checkpoint.save(eng.bundle.path / "streams.npz", eng.snapshot())
+        except OSError as err:
+            self.metrics.checkpoint_failures.inc()
+            log.error("checkpoint of %s after its refit failed (scoring goes on): %s", stream, err)
+
+    def _save_learned_index(self) -> bool:
+        """Write ``learned.json`` atomically when it changed; a failure (disk full) is
+        logged and counted as a checkpoint failure, and the next checkpoint tries again."""
+        data = json.dumps({s: str(e.bundle.path) for s, e in self.models.learned.items()}, indent=1).encode()
         path = self.state_dir / "learned.json"
-        tmp = path.with_name(".learned.json.tmp")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
-        tmp.replace(path)
+        try:
+            if path.is_file() and path.read_bytes() == data:
+                return True
+            checkpoint.write_atomic(path, data)
+        except OSError as err:
+            self.metrics.checkpoint_failures.inc()
+            log.error("saving %s failed (learned models stay in use): %s", path, err)
+            return False
+        return True
 
     def restore_learned(self) -> int:
         path = self.state_dir / "learned.json"
@@ -279,11 +372,25 @@ class Worker:
             return 0
         for stream, bpath in index.items():
             try:
-                self.models.learned[stream] = Engine(bundle.load(bpath), self.cfg.score, self.cfg.engine)
+                eng = Engine(bundle.load(bpath), self.cfg.score, self.cfg.engine)
             except Exception as err:
                 log.warning("learned model for %s not restored: %s", stream, err)
+                continue
+            self.models.learned[stream] = eng
+            if self.refits is not None:
+                self.refits.start(stream, eng.n_features, time.time())
         self._learned_info()
         return len(self.models.learned)
+
+    def _start_refits(self) -> None:
+        """Hand every learned stream whose refit is due, with its window of normal
+        readings, to the learner; the result comes back through ``_collect_learned``."""
+        if self.refits is None or not self.refits.enabled or not self.cfg.learn.enabled:
+            return
+        for stream, times, values in self.refits.due(time.time()):
+            eng = self.models.learned.get(stream)
+            if eng is not None and self.learner.refit(stream, times, values, list(eng.features)):  # type: ignore[union-attr]
+                log.info("refitting the model of %s on its last %d normal readings", stream, len(times))
 
     # ---- checkpoints -------------------------------------------------------------
     def _checkpoint_path(self, key: str) -> Path:
@@ -297,15 +404,23 @@ class Worker:
         return items
 
     def checkpoint(self) -> bool:
-        ok = True
-        for path, eng in self._checkpoint_items():
+        """Write every engine's state; True when all of it was written. A file that cannot
+        be written (disk full, read-only or unwritable folder) keeps its previous version,
+        counts in ``checkpoint_failures_total`` and makes one ERROR line per round; scoring
+        goes on and the next round tries again."""
+        items = self._checkpoint_items()
+        failed: list[tuple[Path, OSError]] = []
+        for path, eng in items:
             try:
                 checkpoint.save(path, eng.snapshot())
             except OSError as err:
-                ok = False
+                failed.append((path, err))
                 self.metrics.checkpoint_failures.inc()
-                log.error("checkpoint %s failed (scoring goes on): %s", path, err)
-        return ok
+        if failed:
+            log.error("checkpoint failed for %d of %d file(s), keeping their previous versions "
+                      "(scoring goes on): %s: %s", len(failed), len(items), *failed[0])
+        index_ok = not self.models.learned or self._save_learned_index()
+        return not failed and index_ok
 
     def restore(self) -> int:
         restored = 0

@@ -24,6 +24,15 @@ T = TypeVar("T")
 DEADLINE = 60.0
 ROOT = Path(__file__).resolve().parents[1]
 PLANT_MODEL = ROOT / "models" / "plant"
+# [model]/[train] sections for learn-from-stream tests: a tiny model that fits in seconds.
+SMALL_FIT = """
+[model]
+hidden = 8
+bottleneck = 4
+[train]
+epochs = 2
+seq_len = 32
+"""
 
 
 def wait_for(pred: Callable[[], T], what: str, deadline: float = DEADLINE, every: float = 0.1) -> T:

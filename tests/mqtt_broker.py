@@ -52,11 +52,16 @@ def _accepts(port: int) -> bool:
 class BrokerHandle:
     """A running test broker. `restart()` keeps the port, so clients can reconnect."""
 
-    def __init__(self, kind: str, port: int, exe: str | None = None) -> None:
+    def __init__(self, kind: str, port: int, exe: str | None = None, *, listener: str | None = None,
+                 conf_extra: str = "") -> None:
         self.host = HOST
         self.port = port
         self.kind = kind  # "mosquitto" or "embedded"
         self._exe = exe
+        # Mosquitto only: `listener` replaces the default plain anonymous listener (its
+        # "{port}" is this handle's port); `conf_extra` lines are appended to the config.
+        self._listener = listener
+        self._conf_extra = conf_extra
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._embedded: EmbeddedBroker | None = None
@@ -75,9 +80,12 @@ class BrokerHandle:
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="test-mosquitto-"))
         conf = self._dir / "mosquitto.conf"
+        if self._listener is None:
+            listener = [f"listener {self.port} {HOST}", "allow_anonymous true"]
+        else:
+            listener = [self._listener.replace("{port}", str(self.port))]
         conf.write_text("\n".join([
-            f"listener {self.port} {HOST}",
-            "allow_anonymous true",
+            *listener,
             "persistence false",
             # Load tests publish bursts far above the default queue limit of 1000.
             "max_queued_messages 100000",
@@ -87,6 +95,7 @@ class BrokerHandle:
             *(f"log_type {kind}" for kind in ("error", "warning", "notice", "information")),
             # As root, Mosquitto would switch to user "mosquitto", who cannot write the log.
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            self._conf_extra,
             "",
         ]))
         log = self._dir / "mosquitto.log"
@@ -158,17 +167,23 @@ class BrokerHandle:
         self.stop()
 
 
-def start_test_broker(timeout: float = 10.0) -> BrokerHandle:
+def start_test_broker(timeout: float = 10.0, *, listener: str | None = None,
+                      conf_extra: str = "") -> BrokerHandle:
+    """A running broker on a free port. `listener` (Mosquitto config lines replacing the
+    default `listener <port> 127.0.0.1` + `allow_anonymous true`; "{port}" in it is the
+    port) and `conf_extra` (lines appended) need Mosquitto: without it they raise."""
     exe = find_mosquitto()
     if exe is None:
         if os.environ.get(ENV_CHOICE) == "mosquitto":
             raise RuntimeError(f"{ENV_CHOICE}=mosquitto but no mosquitto binary found")
+        if listener is not None or conf_extra:
+            raise RuntimeError("a custom broker config needs mosquitto, which is not installed")
         handle = BrokerHandle("embedded", 0)  # EmbeddedBroker binds port 0 itself: no race
         handle.start(timeout)
         return handle
     for attempt in range(3):
         # Another process may grab the free port before Mosquitto binds it; pick again.
-        handle = BrokerHandle("mosquitto", free_port(), exe)
+        handle = BrokerHandle("mosquitto", free_port(), exe, listener=listener, conf_extra=conf_extra)
         try:
             handle.start(timeout)
             return handle

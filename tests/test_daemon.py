@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from detector import plant
-from helpers import ROOT, Daemon, Listener, plant_messages, publish_all, sample, scrape, wait_for
+from helpers import SMALL_FIT, ROOT, Daemon, Listener, plant_messages, publish_all, sample, scrape, wait_for
 from mqtt_broker import free_port, start_test_broker
 
 
@@ -157,14 +157,7 @@ def test_bad_config_and_bad_model_exit_2_with_one_line(tmp_path: Path) -> None:
 
 
 def test_a_stream_with_no_model_learns_one_and_is_then_scored(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
-    d = Daemon(tmp_path, broker.port, learn="warmup_readings = 200", extra="""
-[model]
-hidden = 8
-bottleneck = 4
-[train]
-epochs = 2
-seq_len = 32
-""")
+    d = Daemon(tmp_path, broker.port, learn="warmup_readings = 200", extra=SMALL_FIT)
     d.start()
     try:
         times, values = plant.normal(600, seed=31)

@@ -69,7 +69,7 @@ def test_fit_from_stream(tmp_path: Path, tiny_cfg: config.Config, capfd: pytest.
         [res] = wait_results(lr)
         assert res.error is None, res.error
         assert res.stream == stream and res.seconds > 0
-        assert res.bundle_path is not None and res.bundle_path.parent == tmp_path
+        assert res.bundle_path is not None and res.bundle_path.parent == tmp_path and res.result == "ok"
         b = bundle.load(res.bundle_path, plant.FEATURES)
         assert b.features == plant.FEATURES
         assert b.manifest["training"]["prep"]["rows_in"] == 300
@@ -93,7 +93,7 @@ def test_failed_fit_is_reported_and_retried(tmp_path: Path, tiny_cfg: config.Con
         assert lr.stats["fits_started"] == 1  # "b" queued behind "a"
         assert lr.pending() == 2
         results = wait_results(lr, 3)
-        assert all(r.bundle_path is None and r.error for r in results)
+        assert all(r.bundle_path is None and r.error and r.result == "failed" for r in results)
         assert "usable rows" in str(results[0].error) and "\n" not in str(results[0].error)
         assert {r.stream for r in results} == {"a", "b"}  # both ran, and one was retried
         assert lr.stats["fits_failed"] >= 3 and lr.stats["fits_ok"] == 0
@@ -112,7 +112,7 @@ def test_hanging_fit_is_killed(tmp_path: Path, tiny_cfg: config.Config,
     try:
         feed(lr, "hang", 50)
         [res] = wait_results(lr)
-        assert res.bundle_path is None and "timed out" in (res.error or "")
+        assert res.bundle_path is None and "timed out" in (res.error or "") and res.result == "timeout"
         assert lr.stats["fits_timeout"] == 1 and lr.stats["fits_failed"] == 0
         assert lr.pending() == 1  # waiting for its retry, readings kept
         assert no_children()
@@ -130,7 +130,7 @@ def test_fit_process_killed_is_a_crash(tmp_path: Path, tiny_cfg: config.Config,
         [child] = multiprocessing.active_children()
         os.kill(int(child.pid or 0), signal.SIGKILL)  # as the OOM killer would
         [res] = wait_results(lr)
-        assert res.bundle_path is None and "SIGKILL" in (res.error or "")
+        assert res.bundle_path is None and "SIGKILL" in (res.error or "") and res.result == "failed"
         assert lr.stats["fits_failed"] == 1 and lr.stats["fits_timeout"] == 0
         deadline = time.monotonic() + 60
         while lr.stats["fits_started"] < 2:  # retried from the kept readings
@@ -154,13 +154,16 @@ def test_close_terminates_running_fits(tmp_path: Path, tiny_cfg: config.Config,
 
 def test_capacity_bounds_collecting_streams(tmp_path: Path, tiny_cfg: config.Config) -> None:
     lr = learn.Learner(tiny_cfg, tmp_path, warmup_readings=100, max_streams=3)
-    for i in range(5):
+    for i in range(3):
         lr.add(f"s{i}", 1.0, np.ones(1), ["x"])
-    lr.add("s4", 2.0, np.ones(1), ["x"])
-    assert lr.pending() == 3
-    assert lr.stats["dropped_capacity"] == 3
-    lr.add("s0", 2.0, np.ones(1), ["x"])  # known streams still collect
-    lr.add("s0", 3.0, np.ones(2), ["x", "y"])  # a different feature list: not this stream's
+    lr.add("s0", 2.0, np.ones(1), ["x"])  # s0 is recent again: s1 is now the oldest
+    for i in (3, 4):  # at capacity, the least recently added collecting stream makes room
+        lr.add(f"s{i}", 1.0, np.ones(1), ["x"])
+    assert lr.pending() == 3 and sorted(lr._streams) == ["s0", "s3", "s4"]
+    assert lr.stats["evicted_capacity"] == 2 and lr.stats["dropped_capacity"] == 0
+    lr.add("s0", 3.0, np.ones(1), ["x"])  # known streams still collect
+    assert lr._streams["s0"].n == 3
+    lr.add("s0", 4.0, np.ones(2), ["x", "y"])  # a different feature list: not this stream's
     assert lr.stats["dropped_features"] == 1
     lr.close()
 
@@ -185,3 +188,4 @@ def test_safe_names_are_distinct_and_safe(tmp_path: Path, ids: list[str]) -> Non
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,59}-[0-9a-f]{10}", n), n
         (tmp_path / n).mkdir()
     assert learn.safe_name("a/b") == learn.safe_name("a/b")  # stable across runs
+

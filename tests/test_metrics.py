@@ -5,6 +5,10 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+
 from detector import metrics
 
 
@@ -48,3 +52,26 @@ def test_registries_are_independent() -> None:
     a.readings.inc()
     assert b.registry.get_sample_value("anomaly_detector_readings_total") == 0.0
     assert a.registry.get_sample_value("anomaly_detector_readings_total") == 1.0
+
+
+def test_observe_many_equals_one_observe_per_value() -> None:
+    rng = np.random.default_rng(3)
+    bounds = list(metrics.LATENCY_BUCKETS)
+    # Values on every bound exactly, between bounds, below the first and above the last.
+    values = np.concatenate([np.array(bounds), np.array(bounds) * 1.01, [0.0, 1e-6, 99.0, 1e9],
+                             rng.exponential(0.01, 500)])
+    one, many = metrics.create(), metrics.create()
+    for v in values.tolist():
+        one.processing.observe(v)
+    metrics.observe_many(many.processing, values[:7])
+    metrics.observe_many(many.processing, values[7:])
+    metrics.observe_many(many.processing, np.array([]))
+
+    def lines(m: metrics.Metrics) -> list[str]:
+        return [ln for ln in generate_latest(m.registry).decode().splitlines()
+                if ln.startswith("anomaly_detector_processing_seconds") and "_created" not in ln]
+
+    a, b = lines(one), lines(many)
+    assert [x.rsplit(" ", 1)[0] for x in a] == [x.rsplit(" ", 1)[0] for x in b]
+    for x, y in zip(a, b):
+        assert float(x.rsplit(" ", 1)[1]) == pytest.approx(float(y.rsplit(" ", 1)[1]), rel=1e-12)

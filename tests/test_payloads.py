@@ -113,9 +113,9 @@ def test_batch_order_with_mixed_items() -> None:
     ])
     readings, rejected = decode("s", payload.encode(), RECEIVED)
     assert readings == [
-        Reading("s", 10.0, 1.0, None), Reading("s", RECEIVED, 2.5, None),
-        Reading("s", TS_2024, None, {"a": 4.0}), Reading("s", RECEIVED, 6.0, None),
-    ]
+        Reading("s", 10.0, 1.0, None), Reading("s", RECEIVED + 2e-6, 2.5, None),
+        Reading("s", TS_2024, None, {"a": 4.0}), Reading("s", RECEIVED + 8e-6, 6.0, None),
+    ]  # without ts: the receive time plus 1 µs per position, so they stay distinct and in order
     assert [r.reason for r in rejected] == ["bad_value", "bad_shape", "bad_value", "bad_timestamp", "bad_shape"]
     assert [r.detail.split(":")[0] for r in rejected] == ["item 1", "item 3", "item 5", "item 6", "item 7"]
 

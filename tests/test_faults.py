@@ -1,0 +1,558 @@
+"""Faults the field throws at a daemon left alone for months, against real components: a
+real Mosquitto the tests stop, restart, freeze and replace with a black hole, the real
+daemon process (killed, frozen with SIGSTOP, signalled), a real tmpfs that fills up or
+goes read-only, and real corrupt files. What each fault costs is in docs/operations.md,
+"Guarantees".
+
+SIGSTOP/SIGCONT of a daemon stands for "has not got round to it yet" (reading its socket,
+reconnecting), so that what happens before and after is decided by the test, not by a race.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from helpers import ROOT, Daemon, Listener, plant_messages, publish_all, sample, wait_for
+from mqtt_broker import BrokerHandle, start_test_broker
+
+OUTAGE_S = 30.0
+CKPT = Path("checkpoints") / "route-plant-0.npz"
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[object]:
+    handle = start_test_broker()
+    yield handle
+    handle.stop()
+
+
+def own_mosquitto(conf_extra: str = "") -> BrokerHandle:
+    """A broker of the test's own (it gets stopped or frozen); Mosquitto only."""
+    handle = start_test_broker(conf_extra=conf_extra)
+    if handle.kind != "mosquitto":
+        handle.stop()
+        pytest.skip("stopping, restarting or freezing the broker needs mosquitto")
+    return handle
+
+
+def docs(n: int, seed: int, fault_at: int | None = None) -> list[dict]:
+    """``n`` plant readings (JSON objects, one second apart, ending now)."""
+    return [json.loads(p) for _, p in plant_messages("x", n, seed, fault_at)]
+
+
+def singles(stream: str, ds: list[dict]) -> list[tuple[str, bytes]]:
+    return [(stream, json.dumps(d).encode()) for d in ds]
+
+
+def metric(d: Daemon, name: str) -> float:
+    return sample(d.metrics(), name)
+
+
+def wait_metric(d: Daemon, name: str, value: float, what: str, at_least: bool = False) -> None:
+    """Wait until the series ``name`` equals ``value`` (or reaches it, ``at_least``)."""
+    wait_for(lambda: metric(d, name) >= value if at_least else metric(d, name) == value, what)
+
+
+def wait_health(d: Daemon, code: int, what: str) -> None:
+    wait_for(lambda: d.healthz() == code, what)
+
+
+def scored(d: Daemon) -> float:
+    return metric(d, "anomaly_detector_readings_total")
+
+
+def reach(d: Daemon, n: int, what: str) -> None:
+    """Wait until ``d`` has scored ``n`` readings, then check it is exactly ``n``."""
+    wait_for(lambda: scored(d) >= n, f"{what}: {n} readings scored")
+    assert scored(d) == n, what
+
+
+def subscribed_listener(port: int, *filters: str) -> Listener:
+    """A Listener known to be subscribed to ``filters``: its last subscription, to a probe
+    topic, has delivered (the broker handles one client's SUBSCRIBEs in order)."""
+    probe = f"probe/{os.getpid()}/{time.monotonic_ns()}"
+    lst = Listener(port, [*filters, probe])
+    publish_all(port, [(probe, b"probe")])
+    wait_for(lambda: lst.on(probe), f"a listener subscribed to {filters}")
+    return lst
+
+
+def alerts(lst: Listener, prefix: str) -> list[dict]:
+    return [json.loads(m.payload) for m in lst.on(prefix + "/")]
+
+
+def freeze(*ds: Daemon) -> None:
+    for d in ds:
+        d.signal(signal.SIGSTOP)
+
+
+def thaw(*ds: Daemon) -> None:
+    for d in ds:
+        d.signal(signal.SIGCONT)
+
+
+# ---- 1. the broker away for 30 s ------------------------------------------------------
+def test_broker_outage_with_and_without_persistent_session(tmp_path: Path) -> None:
+    """One 30 s outage seen by two daemons: A with a persistent session (Mosquitto with
+    persistence, so the session survives the broker's restart), B without, and with room
+    for only 2 alerts while disconnected."""
+    broker = own_mosquitto(conf_extra=f"persistence true\npersistence_location {tmp_path}/\n")
+    backoff = "reconnect_min_s = 1\nreconnect_max_s = 2\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Daemon(tmp_path / "a", broker.port, mqtt="persistent_session = true\n" + backoff,
+               extra='[alerts]\ntopic_prefix = "alerts-a"\nstatus_topic = "status/a"\n')
+    b = Daemon(tmp_path / "b", broker.port, mqtt=backoff,
+               extra='[alerts]\ntopic_prefix = "alerts-b"\nstatus_topic = "status/b"\nmax_queued = 2\n')
+    streams = [f"sensors/plant/out{i}" for i in range(4)]
+    # Per stream: 100 normal readings, 30 from a fault on (20 faulty, 10 normal again),
+    # 10 published while the daemons are away from the restarted broker, 10 after.
+    data = {s: docs(150, seed=40 + i, fault_at=100) for i, s in enumerate(streams)}
+    a.start()
+    b.start()
+    try:
+        publish_all(broker.port, [m for s in streams for m in singles(s, data[s][:100])])
+        reach(a, 400, "A before the outage")
+        reach(b, 400, "B before the outage")
+        alerts_before = sum(metric(a, f'anomaly_detector_alerts_total{{event="{e}"}}')
+                            for e in ("anomaly_start", "anomaly_end"))
+        assert metric(b, 'anomaly_detector_dropped_alerts_total{reason="queue_full"}') == 0
+
+        # The faults reach the daemons' sockets while they are frozen; the broker goes
+        # away before they read them: every alert they raise is raised while disconnected.
+        witness = subscribed_listener(broker.port, "sensors/#")
+        freeze(a, b)
+        publish_all(broker.port, [(s, json.dumps(data[s][100:130]).encode()) for s in streams])
+        wait_for(lambda: len(witness.on("sensors/")) == 4, "the faults delivered")
+        time.sleep(0.5)  # the same delivery to the frozen daemons' sockets
+        witness.close()
+        down_at = time.monotonic()
+        broker.stop()
+        thaw(a, b)
+        for d in (a, b):
+            reach(d, 520, "faults scored while disconnected")
+            wait_metric(d, "anomaly_detector_mqtt_connected", 0, "mqtt_connected 0")
+            wait_health(d, 503, "/healthz 503")
+            assert "broker disconnected" in d.logtext() or "disconnected from the broker" in d.logtext()
+        raised = sum(metric(a, f'anomaly_detector_alerts_total{{event="{e}"}}')
+                     for e in ("anomaly_start", "anomaly_end")) - alerts_before
+        assert raised >= 3, "the faults should raise an alert per stream"
+        dropped_b = metric(b, 'anomaly_detector_dropped_alerts_total{reason="queue_full"}')
+        assert dropped_b == raised - 2  # B holds 2 alerts; the rest are counted
+        assert metric(a, 'anomaly_detector_dropped_alerts_total{reason="queue_full"}') == 0
+        assert "alert queue full" in b.logtext()
+
+        # Back after 30 s; the daemons have not reconnected yet when 10 more readings per
+        # stream are published: A's session holds them, B (clean session) never sees them.
+        freeze(a, b)
+        time.sleep(max(0.0, down_at + OUTAGE_S - time.monotonic()))
+        broker.start()
+        outage = time.monotonic() - down_at
+        la = subscribed_listener(broker.port, "alerts-a/#", "status/a")
+        lb = subscribed_listener(broker.port, "alerts-b/#", "status/b")
+        publish_all(broker.port, [m for s in streams for m in singles(s, data[s][130:140])])
+        thaw(a, b)
+        for d in (a, b):
+            wait_health(d, 200, "reconnected and resubscribed")
+            assert metric(d, "anomaly_detector_mqtt_connected") == 1
+        reach(a, 560, "A: readings published before it reconnected")
+        wait_for(lambda: len(alerts(la, "alerts-a")) >= raised, "A's alerts delivered after reconnecting")
+        wait_for(lambda: len(alerts(lb, "alerts-b")) >= 2, "B's 2 queued alerts delivered")
+        publish_all(broker.port, [m for s in streams for m in singles(s, data[s][140:150])])
+        reach(a, 600, "A: scoring resumed")
+        reach(b, 560, "B: scoring resumed (what was published before it reconnected is lost)")
+        # Every alert A raised is delivered, those raised while disconnected included; B
+        # delivers the 2 it could hold. (Episodes ending after the reconnect add alerts.)
+        def while_away(xs: list[dict]) -> list[dict]:
+            return [x for x in xs if x["ts"] <= data[x["stream"]][129]["ts"]]
+
+        total_a = sum(metric(a, f'anomaly_detector_alerts_total{{event="{e}"}}')
+                      for e in ("anomaly_start", "anomaly_end")) - alerts_before
+        wait_for(lambda: len(alerts(la, "alerts-a")) >= total_a, "every alert of A")
+        got_a = alerts(la, "alerts-a")
+        got_b = alerts(lb, "alerts-b")
+        assert len(got_a) == total_a
+        assert len(while_away(got_a)) == raised and {x["stream"] for x in while_away(got_a)} == set(streams)
+        assert len(while_away(got_b)) == 2
+        # The status is not an alert: "online" goes out however full the alert queue is.
+        for lst, topic in ((la, "status/a"), (lb, "status/b")):
+            assert any(m.payload == b"online" and not m.retain for m in lst.on(topic))
+        la.close()
+        lb.close()
+    finally:
+        thaw(a, b)
+        codes = (a.stop(), b.stop())
+        broker.stop()
+    assert codes == (0, 0)
+    print(f"\noutage {outage:.1f} s; alerts raised while disconnected {raised:.0f}, "
+          f"B dropped {dropped_b:.0f} (max_queued 2)")
+
+
+# ---- 2. SIGKILL mid-stream ----------------------------------------------------------
+def test_sigkill_restores_the_last_checkpoint_and_the_session_keeps_what_came_meanwhile(
+        tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
+    d = Daemon(tmp_path, broker.port, mqtt="persistent_session = true", state="checkpoint_interval_s = 2.0")
+    streams = ["sensors/plant/k1", "sensors/plant/k2"]
+    data = {s: docs(300, seed=50 + i) for i, s in enumerate(streams)}
+    ckpt = tmp_path / "state" / CKPT
+    d.start()
+    try:
+        publish_all(broker.port, [m for s in streams for m in singles(s, data[s][:100])])
+        reach(d, 200, "first batch")
+
+        def holds(n: int) -> dict[str, np.ndarray] | None:
+            """The checkpoint file's arrays once it holds the first ``n`` readings of each stream."""
+            try:
+                with np.load(ckpt) as z:
+                    arrays = {k: z[k] for k in z.files}
+            except OSError:
+                return None
+            last = dict(zip(arrays["streams"].tolist(), arrays["last_ts"].tolist()))
+            return arrays if all(last.get(s) == data[s][n - 1]["ts"] for s in streams) else None
+
+        wait_for(lambda: holds(100), "a checkpoint of the first batch")
+        # Mid-stream: 50 more readings per stream scored, then SIGKILL.
+        publish_all(broker.port, [m for s in streams for m in singles(s, data[s][100:150])])
+        reach(d, 300, "second batch")
+        d.kill()
+        age = time.time() - ckpt.stat().st_mtime
+        with np.load(ckpt) as z:
+            saved = {k: z[k] for k in z.files}
+        last = dict(zip(saved["streams"].tolist(), saved["last_ts"].tolist()))
+        lost = sum(150 - 1 - [r["ts"] for r in data[s]].index(last[s]) for s in streams)
+        assert 0 <= lost <= 100  # at most what came after the checkpoint we waited for
+
+        # Restart: the state is the checkpoint's, array for array (the restarted daemon's
+        # own periodic checkpoint writes back exactly what it restored).
+        before = ckpt.stat().st_mtime_ns
+        d.start()
+        wait_for(lambda: "2 stream state(s) restored" in d.logtext(), "the state restored")
+        wait_for(lambda: ckpt.stat().st_mtime_ns != before, "the restarted daemon's checkpoint")
+        with np.load(ckpt) as z:
+            again = {k: z[k] for k in z.files}
+        assert sorted(again) == sorted(saved)
+        for key in saved:
+            np.testing.assert_array_equal(again[key], saved[key], err_msg=key)
+
+        # Killed again; readings published while it is down wait in its session.
+        d.kill()
+        publish_all(broker.port, [m for s in streams for m in singles(s, data[s][150:250])])
+        d.start()
+        reach(d, 200, "readings published while the daemon was killed")
+        # The same across a clean stop.
+        assert d.stop() == 0
+        publish_all(broker.port, [m for s in streams for m in singles(s, data[s][250:300])])
+        d.start()
+        reach(d, 100, "readings published while the daemon was stopped")
+    finally:
+        d.stop()
+    print(f"\nSIGKILL: checkpoint {age:.1f} s old (interval 2 s), {lost} scored reading(s) not in it")
+
+
+# ---- 3. disk full, state directory read-only ------------------------------------------
+def test_a_clean_stop_mid_stream_with_a_persistent_session_loses_and_repeats_nothing(
+        tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM while QoS 1 readings pour in: what arrives after the intake closed is left
+    unacknowledged, so the broker gives it to the next start. Every reading is then scored
+    exactly once across the two runs: none lost (acknowledged but dropped), none twice
+    (they would be rejected as duplicates)."""
+    d = Daemon(tmp_path, broker.port, mqtt="persistent_session = true", state="checkpoint_interval_s = 3600")
+    stream = "sensors/plant/t1"
+    data = docs(3000, seed=61)
+    ckpt = tmp_path / "state" / CKPT
+    d.start()
+    msgs = singles(stream, data)
+
+    def paced() -> None:  # ~2000 readings/s on one connection: still publishing when the stop comes
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        infos = []
+        for i, (topic, payload) in enumerate(msgs):
+            infos.append(c.publish(topic, payload, qos=1))
+            if i % 20 == 19:
+                time.sleep(0.01)
+        for info in infos:
+            info.wait_for_publish(timeout=60)
+        c.loop_stop()
+        c.disconnect()
+
+    pub = threading.Thread(target=paced)
+    try:
+        pub.start()
+        wait_for(lambda: scored(d) >= 300, "the stream under way")
+        assert d.stop() == 0  # mid-stream: the publisher is still going
+        pub.join(120)
+        with np.load(ckpt) as z:
+            first_run = int(z["count"][0])
+        assert 0 < first_run < len(data)
+        d.start()
+        wait_for(lambda: scored(d) + metric(d, 'anomaly_detector_invalid_readings_total{reason="duplicate"}')
+                 >= len(data) - first_run, "the rest scored after the restart")
+        assert scored(d) == len(data) - first_run
+        text = d.metrics()
+        assert sample(text, 'anomaly_detector_invalid_readings_total{reason="duplicate"}') == 0
+        assert sample(text, 'anomaly_detector_invalid_readings_total{reason="out_of_order"}') == 0
+    finally:
+        pub.join(120)
+        d.stop()
+    print(f"\nclean stop mid-stream: {first_run} scored before, {len(data) - first_run} after, none lost")
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "state"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (and a kernel that lets us)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write until the file system is full (ENOSPC)."""
+    with open(path, "wb", buffering=0) as fh:
+        for size in (65536, 1):  # the last few bytes too
+            try:
+                while True:
+                    fh.write(b"\0" * size)
+            except OSError:
+                pass
+
+
+def test_disk_full_and_read_only_state_fail_loudly_and_scoring_goes_on(
+        tmp_path: Path, small_fs: Path, broker) -> None:  # type: ignore[no-untyped-def]
+    d = Daemon(tmp_path, broker.port, state="checkpoint_interval_s = 0.5")
+    streams = [f"sensors/plant/disk{i}" for i in range(3)]
+    data = {s: docs(160, seed=60 + i) for i, s in enumerate(streams)}
+    ckpt = small_fs / CKPT
+    d.start()
+    n = 0
+
+    def feed(k: int) -> None:
+        nonlocal n
+        publish_all(broker.port, [m for s in streams for m in singles(s, data[s][n: n + k])])
+        n += k
+        reach(d, n * len(streams), "scoring goes on")
+
+    def holds_latest() -> bool:
+        try:
+            with np.load(ckpt) as z:
+                last = dict(zip(z["streams"].tolist(), z["last_ts"].tolist()))
+        except OSError:
+            return False
+        return all(last.get(s) == data[s][n - 1]["ts"] for s in streams)
+
+    def remount(mode: str) -> None:
+        # EBUSY while the daemon has a checkpoint open for writing: try again.
+        wait_for(lambda: subprocess.run(["mount", "-o", f"remount,{mode}", str(small_fs)],
+                                        capture_output=True).returncode == 0, f"remount {mode}")
+
+    def tmp_files() -> list[str]:
+        return [p.name for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")]
+
+    try:
+        feed(40)
+        wait_for(holds_latest, "a first checkpoint")
+        for fault in ("disk full", "read-only"):
+            good = ckpt.read_bytes()
+            failures = metric(d, "anomaly_detector_checkpoint_failures_total")
+            errors = d.logtext().count("checkpoint failed")
+            if fault == "disk full":
+                fill(small_fs / "filler")
+            else:
+                remount("ro")
+            feed(40)
+            wait_metric(d, "anomaly_detector_checkpoint_failures_total", failures + 2, f"{fault}: failures counted",
+                        at_least=True)
+            assert d.logtext().count("checkpoint failed") > errors, f"{fault}: logged"
+            line = [ln for ln in d.logtext().splitlines() if "checkpoint failed" in ln][-1]
+            assert " ERROR " in line and ("No space left" in line or "Read-only" in line), line
+            assert d.healthz() == 200
+            assert ckpt.read_bytes() == good  # the previous checkpoint, whole
+            assert tmp_files() == []  # no half-written file holding on to the space
+            if fault == "disk full":
+                (small_fs / "filler").unlink()
+            else:
+                remount("rw")
+            wait_for(holds_latest, f"after {fault}: checkpoints succeed again")
+        feed(40)
+        wait_for(holds_latest, "checkpoints go on")
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=False)
+        code = d.stop()
+    assert code == 0
+    assert "Traceback" not in d.logtext()
+
+
+# ---- 4. a corrupt model bundle and SIGHUP ---------------------------------------------
+def test_corrupt_bundle_on_reload_keeps_the_old_model(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
+    bundle = tmp_path / "plant"
+    shutil.copytree(ROOT / "models" / "plant", bundle)
+    d = Daemon(tmp_path, broker.port, models=f'[[models]]\nmatch = "sensors/plant/+"\npath = "{bundle}"\n')
+    stream = "sensors/plant/hup"
+    data = docs(200, seed=70)
+    d.start()
+    try:
+        publish_all(broker.port, singles(stream, data[:50]))
+        reach(d, 50, "before the reloads")
+        info = [ln for ln in d.metrics().splitlines() if ln.startswith("anomaly_detector_model_info{")]
+        corruptions = {"model.keras": b"PK\x03\x04 truncated", "weights.npz": b"\x93NUMPY garbage",
+                       "manifest.json": b'{"format": "anomaly-detector-bundle", "format_ver'}
+        for i, (name, junk) in enumerate(corruptions.items(), start=1):
+            good = (bundle / name).read_bytes()
+            (bundle / name).write_bytes(junk)
+            d.signal(signal.SIGHUP)
+            wait_metric(d, "anomaly_detector_reload_failures_total", i, f"{name}: counted")
+            line = [ln for ln in d.logtext().splitlines() if "reload failed" in ln][-1]
+            assert " ERROR " in line and str(bundle) in line, line
+            publish_all(broker.port, singles(stream, data[50 * i: 50 * i + 50]))
+            reach(d, 50 * i + 50, f"{name}: scoring goes on with the old model")
+            assert [ln for ln in d.metrics().splitlines() if ln.startswith("anomaly_detector_model_info{")] == info
+            assert metric(d, "anomaly_detector_streams") == 1
+            (bundle / name).write_bytes(good)
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in d.logtext(), "a good bundle reloads")
+        assert metric(d, "anomaly_detector_reload_failures_total") == 3
+    finally:
+        code = d.stop()
+    assert code == 0
+
+
+# ---- 5. learn-from-stream fits that crash or hang ------------------------------------
+def fit_processes(pid: int) -> list[int]:
+    """The daemon's spawned fit processes (not multiprocessing's resource tracker)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"spawn_main" in cmd:
+            out.append(int(entry.name))
+    return out
+
+
+def test_crashing_and_hanging_fits_are_counted_and_retried(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
+    """Two daemons side by side (a real fit takes ~20 s here; the hang needs a timeout
+    shorter than that): C's first fit crashes (SIGKILL, as from the OOM killer), its retry
+    succeeds; H's fits hang (the test hook) and are killed at timeout_s, again and again."""
+    small = "[model]\nhidden = 8\nbottleneck = 4\n[train]\nepochs = 2\nseq_len = 16\n"
+    learn = "warmup_readings = 100\nretry_after_s = 2\n"
+    other = own_mosquitto()  # H's: each daemon learns only its own stream
+    (tmp_path / "c").mkdir()
+    (tmp_path / "h").mkdir()
+    c = Daemon(tmp_path / "c", broker.port, learn=learn + "timeout_s = 600", extra=small)
+    h = Daemon(tmp_path / "h", other.port, learn=learn + "timeout_s = 3", extra=small)
+    t0 = time.time() - 300
+    noise = np.random.default_rng(8).normal(size=300)
+    msgs = [("sensors/site/flow", json.dumps({"ts": t0 + t, "value": np.sin(t / 7.0) + 0.05 * noise[t]}).encode())
+            for t in range(300)]
+    fits = 'anomaly_detector_learn_fits_total{{result="{}"}}'
+    learning = 'anomaly_detector_dropped_readings_total{reason="learning"}'
+    c.start()
+    h.start(env=dict(os.environ, DETECTOR_LEARN_TEST_HANG="1"))
+    try:
+        publish_all(broker.port, msgs[:100])
+        publish_all(other.port, msgs[:100])
+        assert c.proc is not None
+        pid = c.proc.pid
+        pids = wait_for(lambda: fit_processes(pid), "C's fit process")
+        os.kill(pids[0], signal.SIGKILL)
+        wait_for(lambda: metric(c, fits.format("failed")) == 1, "C: the crash counted")
+        assert "killed by SIGKILL" in c.logtext()
+        wait_for(lambda: metric(h, fits.format("timeout")) >= 2, "H: a hang, and its retry's, counted")
+        assert "timed out after 3 s" in h.logtext()
+        # Meanwhile both streams keep collecting, unscored.
+        publish_all(broker.port, msgs[100:150])
+        publish_all(other.port, msgs[100:150])
+        for d in (c, h):
+            wait_metric(d, learning, 150, "readings collected while learning")
+            assert scored(d) == 0 and d.healthz() == 200
+        wait_for(lambda: metric(c, fits.format("ok")) == 1, "C: the retry succeeds", deadline=240)
+        wait_for(lambda: "learned a model for sensors/site/flow" in c.logtext(), "C's learned model in use")
+        publish_all(broker.port, msgs[150:200])
+        reach(c, 50, "C: the stream scored by its learned model")
+        assert metric(h, fits.format("ok")) == 0 and metric(h, fits.format("failed")) == 0
+    finally:
+        codes = (c.stop(), h.stop())
+        other.stop()
+    assert codes == (0, 0)
+    assert "Traceback" not in c.logtext() + h.logtext()
+
+
+# ---- 6. shutdown with the broker gone ---------------------------------------------------
+def connecting(pid: int, port: int) -> bool:
+    """``pid`` has a TCP connection to ``port`` waiting for the SYN's answer."""
+    out = subprocess.run(["ss", "-Htnp", "state", "syn-sent"], capture_output=True, text=True, check=True).stdout
+    return any(f"127.0.0.1:{port}" in line.split() and f"pid={pid}," in line for line in out.splitlines())
+
+
+@pytest.mark.parametrize("fault", ["stopped", "hung", "black_hole"])
+def test_shutdown_is_bounded_when_the_broker_is_gone(tmp_path: Path, fault: str) -> None:
+    """stopped: the broker process ended, connection refused, the daemon retrying; hung:
+    the broker frozen (SIGSTOP) with our connection open; black_hole: nothing answers a
+    connection attempt (a full accept queue drops the SYN), so paho's reconnect blocks
+    in connect() for its 5 s connect timeout."""
+    timeout_s = 2.0
+    broker = own_mosquitto()
+    port = broker.port
+    d = Daemon(tmp_path, port, mqtt="reconnect_min_s = 1\nreconnect_max_s = 1",
+               worker=f"shutdown_timeout_s = {timeout_s}")
+    hole: list[socket.socket] = []
+    d.start()
+    try:
+        if fault == "hung":
+            assert broker._proc is not None
+            broker._proc.send_signal(signal.SIGSTOP)
+        else:
+            broker.stop()
+            wait_for(lambda: metric(d, "anomaly_detector_mqtt_connected") == 0, "disconnected")
+        if fault == "black_hole":
+            srv = socket.socket()
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            srv.bind(("127.0.0.1", port))
+            srv.listen(0)
+            hole.append(srv)
+            for _ in range(3):  # fill the accept queue; nobody ever accepts
+                c = socket.socket()
+                c.setblocking(False)
+                c.connect_ex(("127.0.0.1", port))
+                hole.append(c)
+            wait_for(lambda: d.proc is not None and connecting(d.proc.pid, port), "the daemon stuck in connect()")
+        d.signal(signal.SIGTERM)
+        assert d.proc is not None
+        started = time.monotonic()
+        code = d.proc.wait(timeout=timeout_s + 2.0)  # the contract, plus process start-to-exit slack
+        took = time.monotonic() - started
+    finally:
+        for s in hole:
+            s.close()
+        if fault == "hung" and broker._proc is not None:
+            broker._proc.send_signal(signal.SIGCONT)
+        if d.proc is not None and d.proc.poll() is None:
+            d.kill()
+        broker.stop()
+    assert code == 0
+    assert "stopped" in d.logtext()
+    print(f"\nbroker {fault}: exit 0 {took:.2f} s after SIGTERM (shutdown_timeout_s {timeout_s})")
