@@ -409,15 +409,19 @@ class Engine:
 
 
 def _rounds(streams: Sequence[str]) -> list[np.ndarray]:
-    """Index sets in which every stream appears at most once, preserving per-stream order."""
-    if len(set(streams)) == len(streams):
-        return [np.arange(len(streams))]
-    seen: Counter[str] = Counter()
-    rounds: list[list[int]] = []
-    for i, s in enumerate(streams):
-        r = seen[s]
-        seen[s] += 1
-        if r == len(rounds):
-            rounds.append([])
-        rounds[r].append(i)
-    return [np.asarray(r, dtype=np.int64) for r in rounds]
+    """Index sets in which every stream appears at most once, preserving per-stream order:
+    round r holds each stream's r-th reading of the batch, in batch order. Vectorised:
+    with batched messages a batch holds many readings per stream, and a Python loop over
+    them cost more than scoring them."""
+    n = len(streams)
+    ids: dict[str, int] = {}
+    codes = np.fromiter((ids.setdefault(s, len(ids)) for s in streams), dtype=np.int64, count=n)
+    if len(ids) == n:
+        return [np.arange(n)]
+    order = np.argsort(codes, kind="stable")
+    ordered = codes[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    by_rank = np.argsort(rank, kind="stable")
+    return np.split(by_rank, np.cumsum(np.bincount(rank))[:-1])

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,15 +215,18 @@ class Worker:
         self.metrics.streams.set(sum(e.n_streams for e in self._engines()))
 
     @staticmethod
-    def _rows(eng: Engine, group: list[Item]) -> tuple[list[list[float]], list[Item], int]:
+    def _rows(eng: Engine, group: list[Item]) -> tuple[list[Sequence[float]], list[Item], int]:
         """The readings as rows in the model's feature order (absent features NaN: the
         engine scores on the others), the items they came from, and how many readings
         named a feature the model does not have (or gave one value to a multi-feature
         model)."""
         feats, index = eng.features, eng.feature_index
         n_feat = len(feats)
+        every = index.keys()
+        # itemgetter and keys-view comparisons run in C: most readings name every feature.
+        pick = operator.itemgetter(*feats) if n_feat > 1 else (lambda v: (v[feats[0]],))
         nan = math.nan
-        rows: list[list[float]] = []
+        rows: list[Sequence[float]] = []
         keep: list[Item] = []
         mismatch = 0
         for it in group:
@@ -232,15 +236,15 @@ class Worker:
                 if n_feat != 1:
                     mismatch += 1
                     continue
-                row = [r.value]
-            elif len(values) == n_feat and all(f in values for f in feats):
-                row = [values[f] for f in feats]
-            elif all(k in index for k in values):
+                row: Sequence[float] = (r.value,)  # type: ignore[assignment]
+            elif values.keys() == every:
+                row = pick(values)
+            elif values.keys() <= every:
                 row = [values.get(f, nan) for f in feats]
             else:
                 mismatch += 1
                 continue
-            rows.append(row)  # type: ignore[arg-type]
+            rows.append(row)
             keep.append(it)
         return rows, keep, mismatch
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
 
 from detector import plant
 from detector.config import EngineConfig, ScoreConfig
-from detector.engine import Engine
+from detector.engine import Engine, _rounds
 
 
 CALIBRATED = ScoreConfig(method="calibrated", threshold=0.999, clear_threshold=0.99)
@@ -136,3 +137,17 @@ def test_snapshot_restore_continues_exactly_where_it_left_off(bundle, tmp_path) 
         np.testing.assert_array_equal(a.score, b.score)
     dup = second.process(["a"], [56.0], vals[:1], now=100.0)
     assert dup.rejected == {0: "duplicate"}  # last timestamps survived the round trip
+
+
+def test_rounds_hold_each_streams_kth_reading_in_batch_order() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        streams = [f"s{k}" for k in rng.integers(0, rng.integers(1, 30), size=rng.integers(1, 200))]
+        want: list[list[int]] = []
+        seen: Counter[str] = Counter()
+        for i, s in enumerate(streams):  # the definition, one reading at a time
+            if seen[s] == len(want):
+                want.append([])
+            want[seen[s]].append(i)
+            seen[s] += 1
+        assert [r.tolist() for r in _rounds(streams)] == want
