@@ -125,7 +125,7 @@ for i in range(count):
         if delay > 0:
             time.sleep(delay)
         body = {"ts": time.time(), "values": dict(zip(plant.FEATURES, row.tolist()))}
-        c.publish(f"sensors/plant/s{s}", json.dumps(body), qos=0)
+        c.publish(f"sensors/plant/lat{s}", json.dumps(body), qos=0)  # fresh streams
         n += 1
 c.publish("bench/end", b"1", qos=1).wait_for_publish(60)
 print(n, flush=True)

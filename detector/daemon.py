@@ -136,6 +136,10 @@ class Daemon:
         signal.signal(signal.SIGHUP, reload)
 
     def run(self) -> int:
+        # The network thread and the worker share the GIL; the default 5 ms switch interval
+        # let one make the other wait that long, several times per reading under load
+        # (p99 receive -> scored 35 ms at 8k readings/s; 1 ms: 16 ms, same throughput).
+        sys.setswitchinterval(0.001)
         self._signals()
         self.start()
         deadline = time.monotonic() + STARTUP_WAIT_S
