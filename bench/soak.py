@@ -27,7 +27,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,39 +35,13 @@ import paho.mqtt.client as mqtt
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import Daemon, sample  # noqa: E402
+from helpers import Daemon, PeakRss, rss_bytes, sample  # noqa: E402
 from mqtt_broker import start_test_broker  # noqa: E402
 
 from detector import plant  # noqa: E402
 
 FEATURES = plant.FEATURES
 MB = 2**20
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-class Peak:
-    """Peak RSS of a process, sampled every 0.2 s in the background."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.value = pid, rss(pid)
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.value = max(self.value, rss(self.pid))
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._t.join()
-        return max(self.value, rss(self.pid))
 
 
 def metrics(d: Daemon) -> str:
@@ -148,8 +121,8 @@ def overload(port: int, tmp: Path, queue_size: int, seconds: float) -> dict[str,
         paced(d, pub, gen, 2.0, 1000)  # warm-up
         while accounted(metrics(d)) < pub.sent:
             time.sleep(0.05)
-        before = rss(d.proc.pid)
-        peak = Peak(d.proc.pid)
+        before = rss_bytes(d.proc.pid)
+        peak = PeakRss(d.proc.pid, every=0.2)
         # Sustainable: what it scores while offered far more (paced: nothing queues at the
         # broker), over 10 s after 2 s of settling.
         paced(d, pub, gen, 2.0, 40_000)
@@ -176,7 +149,7 @@ def overload(port: int, tmp: Path, queue_size: int, seconds: float) -> dict[str,
         return {"queue_size": queue_size, "seconds": seconds, "sustainable": sustainable, "offered": offered,
                 "scored_rate": scored_rate, "published": pub.sent, "scored": scored, "dropped": dropped,
                 "dropped_in_run": dropped - dropped0, "unaccounted": pub.sent - accounted(text),
-                "rss_before_mb": before / MB, "rss_peak_mb": top / MB, "rss_after_mb": rss(d.proc.pid) / MB,
+                "rss_before_mb": before / MB, "rss_peak_mb": top / MB, "rss_after_mb": rss_bytes(d.proc.pid) / MB,
                 "drain_s": drain, "healthz": d.healthz()}
     finally:
         d.stop(timeout=120)
@@ -193,8 +166,8 @@ def flood(port: int, tmp: Path, topics: int, max_streams: int, learn: bool) -> d
     assert d.proc is not None
     pub = Publisher(port)
     try:
-        before = rss(d.proc.pid)
-        peak = Peak(d.proc.pid)
+        before = rss_bytes(d.proc.pid)
+        peak = PeakRss(d.proc.pid, every=0.2)
         t0 = time.time() - 10_000_000
         reading = dict(zip(FEATURES, (20.0, 1.0, 50.0, 0.5)))
         start = time.monotonic()
@@ -205,7 +178,7 @@ def flood(port: int, tmp: Path, topics: int, max_streams: int, learn: bool) -> d
                 while pub.sent - accounted(metrics(d)) > 50_000:  # backpressure: the broker never drops
                     time.sleep(0.05)
             if i + 1 in (topics // 10, topics // 2):
-                checkpoints[i + 1] = rss(d.proc.pid) / MB
+                checkpoints[i + 1] = rss_bytes(d.proc.pid) / MB
         pub.close()
         while accounted(metrics(d)) < topics:
             time.sleep(0.1)
@@ -215,7 +188,7 @@ def flood(port: int, tmp: Path, topics: int, max_streams: int, learn: bool) -> d
         return {"topics": topics, "max_streams": max_streams, "learn": learn, "duration_s": duration,
                 "rate": topics / duration, "rss_before_mb": before / MB,
                 **{f"rss_at_{k}_mb": v for k, v in checkpoints.items()},
-                "rss_after_mb": rss(d.proc.pid) / MB, "rss_peak_mb": top / MB,
+                "rss_after_mb": rss_bytes(d.proc.pid) / MB, "rss_peak_mb": top / MB,
                 "scored": sample(text, "anomaly_detector_readings_total"),
                 "learning": sample(text, 'anomaly_detector_dropped_readings_total{reason="learning"}'),
                 "live_streams": sample(text, "anomaly_detector_streams"),

@@ -196,3 +196,31 @@ def plant_messages(stream: str, n: int, seed: int, fault_at: int | None = None) 
     t0 = time.time() - n
     return [(stream, json.dumps({"ts": t0 + i, "values": dict(zip(plant.FEATURES, values[i].tolist()))}).encode())
             for i in range(n)]
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (VmRSS), bytes."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+class PeakRss:
+    """A process's peak RSS, sampled in the background every ``every`` seconds."""
+
+    def __init__(self, pid: int, every: float = 0.1) -> None:
+        self.pid, self.peak, self._every = pid, rss_bytes(pid), every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.peak = max(self.peak, rss_bytes(self.pid))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, rss_bytes(self.pid))

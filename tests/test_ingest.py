@@ -12,7 +12,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from detector.ingest import ReadAheadClient
-from helpers import wait_for
+from helpers import publish_all, wait_for
 from mqtt_broker import start_test_broker
 
 
@@ -63,17 +63,10 @@ def test_every_message_arrives_intact_and_in_order(broker, protocol) -> None:  #
         pytest.skip("the embedded broker speaks MQTT 3.1.1 only")
     rx = Receiver(broker.port, protocol)
     msgs = _messages(seed=protocol, n=3000)
-    pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    pub.connect("127.0.0.1", broker.port)
-    pub.loop_start()
     try:
-        infos = [pub.publish(t, p, qos=1) for t, p in msgs]
-        for info in infos:
-            info.wait_for_publish(timeout=60)
+        publish_all(broker.port, msgs)
         wait_for(lambda: rx.count() >= len(msgs), "every message")
     finally:
-        pub.loop_stop()
-        pub.disconnect()
         rx.close()
     assert rx.got == msgs  # one publisher, QoS 1: the broker keeps its order
 
@@ -86,25 +79,13 @@ def test_reads_resume_cleanly_after_the_broker_restarts() -> None:
     rx = Receiver(own.port, mqtt.MQTTv311)
     try:
         first = _messages(seed=5, n=500)
-        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        pub.connect("127.0.0.1", own.port)
-        pub.loop_start()
-        for info in [pub.publish(t, p, qos=1) for t, p in first]:
-            info.wait_for_publish(timeout=60)
-        pub.loop_stop()
-        pub.disconnect()
+        publish_all(own.port, first)
         wait_for(lambda: rx.count() >= len(first), "the first messages")
         rx.subscribed.clear()
         own.restart(down_for=1.0)
         wait_for(rx.subscribed.is_set, "resubscribed after the restart")
         second = _messages(seed=6, n=500)
-        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        pub.connect("127.0.0.1", own.port)
-        pub.loop_start()
-        for info in [pub.publish(t, p, qos=1) for t, p in second]:
-            info.wait_for_publish(timeout=60)
-        pub.loop_stop()
-        pub.disconnect()
+        publish_all(own.port, second)
         wait_for(lambda: rx.count() >= len(first) + len(second), "the second messages")
         assert rx.got == first + second
     finally:

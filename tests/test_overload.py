@@ -17,7 +17,6 @@ The minute-long and million-topic versions are ``bench/soak.py`` (figures in
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from detector import plant
-from helpers import Daemon, publish_all, sample, wait_for
+from helpers import Daemon, PeakRss, publish_all, rss_bytes, sample, wait_for
 from mqtt_broker import start_test_broker
 
 QUEUE_SIZE = 200
@@ -46,33 +45,6 @@ def broker() -> Iterator[Any]:
     handle = start_test_broker()
     yield handle
     handle.stop()
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-class RssSampler:
-    """The daemon's peak RSS, sampled in the background."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak = pid, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            self.peak = max(self.peak, rss_bytes(self.pid))
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, rss_bytes(self.pid))
 
 
 def metric(d: Daemon, name: str) -> float:
@@ -167,7 +139,7 @@ def test_twice_the_sustainable_rate_drops_by_reason_bounded_memory_and_recovers(
             times.append(time.monotonic() - t0)
         guess = QUEUE_SIZE / min(times[2:])
         baseline = rss_bytes(d.proc.pid)
-        rss = RssSampler(d.proc.pid)
+        rss = PeakRss(d.proc.pid)
         # The sustainable rate: what the daemon scores while offered four times the guess
         # (paced, so that nothing piles up at the broker: the daemon sees it all at once).
         scored0, t0 = metric(d, "readings_total"), time.monotonic()
