@@ -258,7 +258,8 @@ class Worker:
         streams = [it.reading.stream for it in keep]
         ts = np.fromiter([it.reading.ts for it in keep], dtype=np.float64, count=len(keep))
         evicted_before = dict(eng.evicted)
-        res = eng.process(streams, ts, np.array(rows, dtype=np.float64), now=now)
+        values = np.array(rows, dtype=np.float64)
+        res = eng.process(streams, ts, values, now=now)
         rejected: dict[str, int] = {}
         for reason in res.rejected.values():
             rejected[reason] = rejected.get(reason, 0) + 1
@@ -272,14 +273,12 @@ class Worker:
         if flagged:
             m.anomalous.inc(flagged)
         m.batch_size.observe(len(keep))
+        scored = np.ones(len(keep), dtype=bool)
+        scored[list(res.rejected)] = False
         received = np.fromiter([it.received for it in keep], dtype=np.float64, count=len(keep))
-        if res.rejected:
-            received = np.delete(received, list(res.rejected))
-        observe_many(m.processing, time.time() - received)
+        observe_many(m.processing, time.time() - received[scored])
         if self.refits is not None and self.refits.enabled and self.models.learned.get(streams[0]) is eng:
-            ok = np.ones(len(keep), dtype=bool)
-            ok[list(res.rejected)] = False
-            self.refits.observe(streams[0], ts[ok], np.asarray(rows, dtype=np.float64)[ok], res.in_episode[ok])
+            self.refits.observe(streams[0], ts[scored], values[scored], res.in_episode[scored])
         for ev in res.events:
             # None: refused, the outgoing queue is full (counted in dropped_alerts_total).
             if self.publish(alert_topic(self.cfg.alerts.topic_prefix, ev.stream),
