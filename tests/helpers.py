@@ -162,17 +162,23 @@ dir = "{tmp / 'state'}"
 
 
 class Listener:
-    """A subscriber that records every message it gets."""
+    """A subscriber that records every message it gets; subscribed (every SUBACK in) when
+    the constructor returns, so what is published afterwards reaches it."""
 
     def __init__(self, port: int, topics: list[str]) -> None:
         self.messages: list[mqtt.MQTTMessage] = []
         self.lock = threading.Lock()
+        acked = threading.Semaphore(0)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         self.client.on_message = lambda c, u, m: self._add(m)
+        self.client.on_subscribe = lambda *args: acked.release()
         self.client.connect("127.0.0.1", port)
         for t in topics:
             self.client.subscribe(t, qos=1)
         self.client.loop_start()
+        for t in topics:
+            if not acked.acquire(timeout=DEADLINE):
+                raise AssertionError(f"no SUBACK for {t!r}")
 
     def _add(self, m: mqtt.MQTTMessage) -> None:
         with self.lock:
