@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from mqtt_broker import free_port, start_test_broker  # noqa: E402
+import helpers  # noqa: E402
+from mqtt_broker import start_test_broker  # noqa: E402
 
 SUBSCRIBER = r"""
 import json, sys, time, threading
@@ -176,41 +177,25 @@ def rss_mb(pid: int) -> float:
 
 
 class Daemon:
+    """The daemon under test (``tests/helpers.Daemon``: config, process, log), started with a
+    ``NOTIFY_SOCKET`` so its start-up is timed to ``READY=1``."""
+
     def __init__(self, tmp: Path, broker_port: int, max_streams: int = 200_000, protocol: str = "3.1.1",
                  max_batch: int | None = None) -> None:
-        self.metrics_port = free_port()
-        cfg = tmp / "config.toml"
-        cfg.write_text(f"""
-[mqtt]
-host = "127.0.0.1"
-port = {broker_port}
-qos = 1
-protocol = "{protocol}"
-[metrics]
-port = {self.metrics_port}
-[[models]]
-match = "sensors/plant/+"
-path = "{ROOT / 'models' / 'plant'}"
-[learn]
-enabled = false
-[state]
-dir = "{tmp / 'state'}"
-checkpoint_interval_s = 3600
-[engine]
-max_streams = {max_streams}
-[worker]
-queue_size = 1000000
-{f"max_batch = {max_batch}" if max_batch else ""}
-[log]
-level = "warning"
-""")
+        self.d = helpers.Daemon(
+            tmp, broker_port, mqtt=f'qos = 1\nprotocol = "{protocol}"', score="",
+            state="checkpoint_interval_s = 3600",
+            worker="queue_size = 1000000\n" + (f"max_batch = {max_batch}" if max_batch else ""),
+            extra=f'[engine]\nmax_streams = {max_streams}\n[log]\nlevel = "warning"\n')
+        self.metrics_port = self.d.metrics_port
         notify = tmp / "notify.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(notify))
         env = dict(os.environ, NOTIFY_SOCKET=str(notify), OPENBLAS_NUM_THREADS="1")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "detector", "run", "--config", str(cfg)],
-                                     env=env, cwd=ROOT, stderr=open(tmp / "daemon.log", "w"))
+        self.d.launch(env)
+        assert self.d.proc is not None
+        self.proc = self.d.proc
         self.sock.settimeout(60)
         while self.sock.recv(256) != b"READY=1":
             pass

@@ -43,7 +43,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import yaml  # type: ignore[import-untyped]
-from helpers import http_get, publish_all, sample, wait_for
+from helpers import SMALL_FIT, http_get, publish_all, sample, wait_for
 from mqtt_broker import free_port, start_test_broker
 from paho.mqtt.client import topic_matches_sub
 
@@ -722,12 +722,7 @@ match = "sensors/plant/+"
 path = "{ROOT / 'models' / 'plant'}"
 [learn]
 warmup_readings = 150
-[model]
-hidden = 8
-bottleneck = 4
-[train]
-epochs = 2
-seq_len = 32
+{SMALL_FIT}
 [state]
 dir = "/var/lib/anomaly-detector"
 checkpoint_interval_s = 1.0
