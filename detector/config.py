@@ -111,9 +111,10 @@ def _valid_stream_template(v: str) -> bool:
 # MQTT strings are UTF-8 of at most 65535 bytes, and Mosquitto refuses NUL, control
 # characters and non-characters in topics (mosquitto_validate_utf8). Surrogates cannot
 # come from TOML, which is UTF-8 text.
-_NOT_MQTT = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef"
-                       + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(17))
-                       + "]")
+# The body of a regex character class, shared with alerts.alert_topic.
+MQTT_FORBIDDEN = ("\x00-\x1f\x7f-\x9f\ufdd0-\ufdef"
+                  + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(17)))
+_NOT_MQTT = re.compile(f"[{MQTT_FORBIDDEN}]")
 
 
 def _mqtt_text(v: str, max_bytes: int = 65535) -> bool:
