@@ -349,9 +349,8 @@ class MqttLink:
         self.connected.clear()
         self.subscribed.clear()
         self._metrics.mqtt_connected.set(0)
-        refused, self._refused = self._refused, False
-        if refused:
-            pass
+        if self._refused:  # on_connect has logged why
+            self._refused = False
         elif not was_connected:
             # Refused during the connect itself (a TLS 1.3 broker rejecting our missing
             # client certificate, bad credentials): a failed connect, rate-limited like one.
