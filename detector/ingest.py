@@ -24,7 +24,7 @@ from paho.mqtt.properties import Properties
 
 from detector.config import Config
 from detector.errors import InputError
-from detector.intake import Intake, Item
+from detector.intake import Intake, Message
 from detector.metrics import Metrics
 from detector.payloads import decode
 
@@ -380,7 +380,7 @@ class MqttLink:
                 if self._intake.closed and msg.qos > 0 and self._cfg.mqtt.persistent_session:
                     ack = False  # redelivered after the restart: neither lost nor counted twice
                     return
-                dropped = self._intake.put([Item(r, received) for r in readings])
+                dropped = self._intake.put(Message(readings, received))
                 if dropped:
                     # After the intake closed (a stop in progress) nothing is queued any more:
                     # that is not an overload.

@@ -19,55 +19,92 @@ from dataclasses import dataclass
 from detector.payloads import Reading
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    reading: Reading
+@dataclass(slots=True)
+class Message:
+    """The readings of one MQTT message, in payload order: one stream, one receive time.
+    Queued whole, so a batch of a hundred readings costs one queue entry, not a hundred."""
+
+    readings: list[Reading]
     received: float  # time.time() when the message arrived
 
 
 class Intake:
+    """Capacity and ``len`` count readings, not messages."""
+
     def __init__(self, capacity: int, overload: str = "drop_oldest") -> None:
-        self._items: deque[Item] = deque()
+        self._msgs: deque[Message] = deque()
+        self._n = 0
         self._capacity = capacity
         self._drop_oldest = overload == "drop_oldest"
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
 
-    def put(self, items: list[Item]) -> int:
-        """Queue ``items`` in order; returns how many readings the overload policy dropped."""
+    def put(self, msg: Message) -> int:
+        """Queue ``msg``; returns how many readings the overload policy dropped (of it, or
+        of older messages)."""
         with self._cond:
+            k = len(msg.readings)
             if self._closed:
-                return len(items)
-            room = self._capacity - len(self._items)
+                return k
+            room = self._capacity - self._n
             dropped = 0
-            if len(items) > room:
+            if k > room:
                 if self._drop_oldest:
-                    dropped = len(items) - room
-                    from_queue = min(dropped, len(self._items))
-                    for _ in range(from_queue):
-                        self._items.popleft()
-                    items = items[dropped - from_queue:]  # a batch larger than the queue
+                    dropped = k - room
+                    room += self._cut(dropped)
+                    if k > room:  # a message larger than the whole queue keeps its newest
+                        msg = Message(msg.readings[k - room:], msg.received)
                 else:
-                    dropped = len(items) - max(room, 0)
-                    items = items[: max(room, 0)]
-            was_empty = not self._items
-            self._items.extend(items)
-            if items and was_empty:  # the worker only waits on an empty queue
-                self._cond.notify()
+                    dropped = k - max(room, 0)
+                    msg = Message(msg.readings[: max(room, 0)], msg.received)
+            if msg.readings:
+                was_empty = not self._msgs
+                self._msgs.append(msg)
+                self._n += len(msg.readings)
+                if was_empty:  # the worker only waits on an empty queue
+                    self._cond.notify()
             return dropped
 
-    def take(self, max_items: int, max_wait: float) -> list[Item]:
-        """Up to ``max_items`` waiting readings; waits up to ``max_wait`` seconds when there
-        are none. Under load batches fill by themselves while the worker scores."""
+    def _cut(self, n: int) -> int:
+        """Remove up to ``n`` of the oldest readings; returns how many it removed."""
+        cut = 0
+        while cut < n and self._msgs:
+            first = self._msgs[0]
+            m = len(first.readings)
+            if m <= n - cut:
+                self._msgs.popleft()
+                cut += m
+            else:
+                del first.readings[: n - cut]
+                cut = n
+        self._n -= cut
+        return cut
+
+    def take(self, max_items: int, max_wait: float) -> list[Message]:
+        """Messages holding up to ``max_items`` waiting readings (the last one split if
+        need be); waits up to ``max_wait`` seconds when there are none. Under load
+        batches fill by themselves while the worker scores."""
         deadline = time.monotonic() + max_wait
         with self._cond:
-            while not self._items and not self._closed:
+            while not self._msgs and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
                 self._cond.wait(left)
-            n = min(max_items, len(self._items))
-            return [self._items.popleft() for _ in range(n)]
+            out: list[Message] = []
+            budget = max_items
+            while budget > 0 and self._msgs:
+                first = self._msgs[0]
+                m = len(first.readings)
+                if m <= budget:
+                    out.append(self._msgs.popleft())
+                    budget -= m
+                else:
+                    out.append(Message(first.readings[:budget], first.received))
+                    del first.readings[:budget]
+                    budget = 0
+            self._n -= max_items - budget
+            return out
 
     @property
     def closed(self) -> bool:
@@ -80,4 +117,4 @@ class Intake:
             self._cond.notify_all()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._n

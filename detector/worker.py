@@ -17,8 +17,9 @@ import operator
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,9 @@ from detector import bundle, checkpoint
 from detector.alerts import alert_payload, alert_topic
 from detector.config import Config
 from detector.engine import Engine
-from detector.intake import Intake, Item
+from detector.intake import Intake, Message
 from detector.metrics import Metrics, observe_many
+from detector.payloads import Reading
 from detector.refit import RefitPlan
 
 log = logging.getLogger("detector.worker")
@@ -50,6 +52,17 @@ class Models:
 def load_models(cfg: Config) -> dict[Path, bundle.Bundle]:
     """Every configured bundle, checked; a bad one is an InputError naming it."""
     return {cfg.resolve(r.path): bundle.load(cfg.resolve(r.path)) for r in cfg.models}
+
+
+@dataclass
+class Rows:
+    """A group's readings as the engine takes them, with where they came from."""
+
+    streams: list[str]
+    ts: np.ndarray        # epoch seconds
+    values: np.ndarray    # (n, features) in the model's feature order; absent features NaN
+    received: np.ndarray  # time.time() of each reading's message
+    mismatch: int = 0     # readings naming a feature the model lacks (or one value for many)
 
 
 class Worker:
@@ -151,13 +164,14 @@ class Worker:
         wait = self.cfg.worker.max_wait_ms / 1000.0
         while True:
             self.heartbeat = time.monotonic()
-            items = self.intake.take(self.cfg.worker.max_batch, wait if not self._stop.is_set() else 0.0)
-            if items:
+            msgs = self.intake.take(self.cfg.worker.max_batch, wait if not self._stop.is_set() else 0.0)
+            if msgs:
                 try:
-                    self.process(items)
+                    self.process(msgs)
                 except Exception:  # one bad batch must not end scoring for good
-                    log.exception("error scoring a batch of %d readings", len(items))
-                    self.metrics.dropped.labels(reason="internal_error").inc(len(items))
+                    n = sum(len(m.readings) for m in msgs)
+                    log.exception("error scoring a batch of %d readings", n)
+                    self.metrics.dropped.labels(reason="internal_error").inc(n)
             elif self._stop.is_set():
                 break
             self._between_batches()
@@ -183,24 +197,25 @@ class Worker:
     # Everything here runs once per reading at up to tens of thousands of readings a
     # second, on the thread that shares the GIL with paho's: per-reading work is kept to
     # plain list operations, and metrics are updated once per batch.
-    def process(self, items: list[Item]) -> None:
-        groups: dict[int, tuple[Engine, list[Item]]] = {}
+    def process(self, msgs: list[Message]) -> None:
+        groups: dict[int, tuple[Engine, list[Message]]] = {}
         cache = self._route_cache
         learning = no_model = 0
-        for it in items:
-            stream = it.reading.stream
+        for msg in msgs:
+            stream = msg.readings[0].stream  # one message, one stream
             target = cache[stream] if stream in cache else self._route(stream)
             if target.__class__ is Engine:
                 key = id(target)
                 group = groups.get(key)
                 if group is None:
                     groups[key] = group = (target, [])  # type: ignore[assignment]
-                group[1].append(it)
+                group[1].append(msg)
             elif target == LEARN:
-                self._learn(it)
-                learning += 1  # collected for a fit, not scored
+                for r in msg.readings:
+                    self._learn(r)
+                learning += len(msg.readings)  # collected for a fit, not scored
             else:
-                no_model += 1
+                no_model += len(msg.readings)
         if learning:
             self.metrics.dropped.labels(reason="learning").inc(learning)
             evicted = self.learner.stats["evicted_capacity"]  # type: ignore[union-attr]
@@ -215,68 +230,88 @@ class Worker:
         self.metrics.streams.set(sum(e.n_streams for e in self._engines()))
 
     @staticmethod
-    def _rows(eng: Engine, group: list[Item]) -> tuple[list[Sequence[float]], list[Item], int]:
-        """The readings as rows in the model's feature order (absent features NaN: the
-        engine scores on the others), the items they came from, and how many readings
-        named a feature the model does not have (or gave one value to a multi-feature
-        model)."""
-        feats, index = eng.features, eng.feature_index
+    def _rows(eng: Engine, group: list[Message]) -> Rows:
+        feats = eng.features
         n_feat = len(feats)
-        every = index.keys()
-        # itemgetter and keys-view comparisons run in C: most readings name every feature.
-        pick = operator.itemgetter(*feats) if n_feat > 1 else (lambda v: (v[feats[0]],))
+        readings = group[0].readings if len(group) == 1 else [r for m in group for r in m.readings]
+        n = len(readings)
+        values = [r.values for r in readings]
+        # Nearly always every reading of a batch names every feature (or all are single
+        # values for a one-feature model): judged and picked for the whole group by map,
+        # itemgetter and fromiter, which run in C; otherwise reading by reading. A dict with
+        # n_feat keys that yields every feature has exactly the model's features.
+        try:
+            if n_feat == 1 and values.count(None) == n:
+                flat: Iterable[float] = [r.value for r in readings]  # type: ignore[misc]
+            elif all(map(n_feat.__eq__, map(len, values))):  # type: ignore[arg-type]
+                pick = operator.itemgetter(*feats) if n_feat > 1 else (lambda v: (v[feats[0]],))
+                flat = chain.from_iterable(map(pick, values))  # type: ignore[arg-type]
+            else:
+                raise KeyError
+            matrix = np.fromiter(flat, dtype=np.float64, count=n * n_feat).reshape(n, n_feat)
+        except (KeyError, TypeError):  # a feature missing or unknown; single values among dicts
+            return Worker._rows_one_by_one(eng, group)
+        received = np.repeat([m.received for m in group], [len(m.readings) for m in group])
+        return Rows([r.stream for r in readings], np.array([r.ts for r in readings], dtype=np.float64),
+                    matrix, received)
+
+    @staticmethod
+    def _rows_one_by_one(eng: Engine, group: list[Message]) -> Rows:
+        feats, every = eng.features, eng.feature_index.keys()
+        n_feat = len(feats)
         nan = math.nan
         rows: list[Sequence[float]] = []
-        keep: list[Item] = []
+        streams: list[str] = []
+        ts: list[float] = []
+        received: list[float] = []
         mismatch = 0
-        for it in group:
-            r = it.reading
-            values = r.values
-            if values is None:
-                if n_feat != 1:
+        for msg in group:
+            for r in msg.readings:
+                values = r.values
+                if values is None:
+                    if n_feat != 1:
+                        mismatch += 1
+                        continue
+                    row: Sequence[float] = (r.value,)  # type: ignore[assignment]
+                elif values.keys() <= every:
+                    row = [values.get(f, nan) for f in feats]
+                else:
                     mismatch += 1
                     continue
-                row: Sequence[float] = (r.value,)  # type: ignore[assignment]
-            elif values.keys() == every:
-                row = pick(values)
-            elif values.keys() <= every:
-                row = [values.get(f, nan) for f in feats]
-            else:
-                mismatch += 1
-                continue
-            rows.append(row)
-            keep.append(it)
-        return rows, keep, mismatch
+                rows.append(row)
+                streams.append(r.stream)
+                ts.append(r.ts)
+                received.append(msg.received)
+        return Rows(streams, np.array(ts, dtype=np.float64), np.array(rows, dtype=np.float64).reshape(-1, n_feat),
+                    np.array(received, dtype=np.float64), mismatch)
 
-    def _score(self, eng: Engine, group: list[Item], now: float) -> None:
-        rows, keep, mismatch = self._rows(eng, group)
+    def _score(self, eng: Engine, group: list[Message], now: float) -> None:
+        got = self._rows(eng, group)
         m = self.metrics
-        if mismatch:
-            m.invalid.labels(reason="feature_mismatch").inc(mismatch)
-        if not keep:
+        if got.mismatch:
+            m.invalid.labels(reason="feature_mismatch").inc(got.mismatch)
+        n = len(got.streams)
+        if not n:
             return
-        streams = [it.reading.stream for it in keep]
-        ts = np.fromiter([it.reading.ts for it in keep], dtype=np.float64, count=len(keep))
+        streams, ts, values = got.streams, got.ts, got.values
         evicted_before = dict(eng.evicted)
-        values = np.array(rows, dtype=np.float64)
         res = eng.process(streams, ts, values, now=now)
         rejected: dict[str, int] = {}
         for reason in res.rejected.values():
             rejected[reason] = rejected.get(reason, 0) + 1
-        for reason, n in rejected.items():
-            m.invalid.labels(reason=reason).inc(n)
-        for reason, n in eng.evicted.items():
-            if n > evicted_before.get(reason, 0):
-                m.evicted.labels(reason=reason).inc(n - evicted_before.get(reason, 0))
+        for reason, k in rejected.items():
+            m.invalid.labels(reason=reason).inc(k)
+        for reason, k in eng.evicted.items():
+            if k > evicted_before.get(reason, 0):
+                m.evicted.labels(reason=reason).inc(k - evicted_before.get(reason, 0))
         m.readings.inc(res.scored)
         flagged = int(res.flag.sum())
         if flagged:
             m.anomalous.inc(flagged)
-        m.batch_size.observe(len(keep))
-        scored = np.ones(len(keep), dtype=bool)
+        m.batch_size.observe(n)
+        scored = np.ones(n, dtype=bool)
         scored[list(res.rejected)] = False
-        received = np.fromiter([it.received for it in keep], dtype=np.float64, count=len(keep))
-        observe_many(m.processing, time.time() - received[scored])
+        observe_many(m.processing, time.time() - got.received[scored])
         if self.refits is not None and self.refits.enabled and self.models.learned.get(streams[0]) is eng:
             self.refits.observe(streams[0], ts[scored], values[scored], res.in_episode[scored])
         for ev in res.events:
@@ -287,8 +322,7 @@ class Worker:
             log.info("%s %s score %.4f (model %s)", ev.event, ev.stream, ev.score, ev.model["name"])
 
     # ---- learn-from-stream -------------------------------------------------------
-    def _learn(self, it: Item) -> None:
-        r = it.reading
+    def _learn(self, r: Reading) -> None:
         if r.value is not None:
             features, values = ["value"], np.array([r.value])
         else:

@@ -33,7 +33,7 @@ from detector.alerts import alert_topic
 from detector.config import Config, ModelRoute
 from detector.errors import InputError
 from detector.ingest import MqttLink
-from detector.intake import Intake, Item
+from detector.intake import Intake, Message
 from detector.metrics import INVALID_REASONS, create
 from detector.payloads import REASONS, Reading, decode
 from detector.worker import Worker, load_models
@@ -406,8 +406,8 @@ def test_on_message_counts_every_reading_and_never_raises(messages: list[tuple[s
         assert count(metrics, "invalid_readings_total", reason=reason) == expected[reason], reason
     assert count(metrics, "invalid_readings_total", reason="internal_error") == 0
     got = intake.take(100_000, 0)
-    assert len(got) == queued
-    assert all(isinstance(it, Item) and math.isfinite(it.reading.ts) for it in got)
+    assert sum(len(m.readings) for m in got) == queued and len(intake) == 0
+    assert all(isinstance(m, Message) and all(math.isfinite(r.ts) for r in m.readings) for m in got)
 
 
 # --- the scoring path: the real worker and engine with the shipped plant model ----------
@@ -444,7 +444,7 @@ def test_worker_rejects_by_policy_and_scores_the_rest(plan: list[tuple[int, str,
     last: dict[str, float] = {}
     clock: dict[str, float] = {}
     expected: Counter[str] = Counter()
-    items = []
+    msgs: list[Message] = []
     example = next(_EXAMPLE)
     for k, kind, x in plan:
         stream = f"sensors/plant/fuzz-{example}-{k}"
@@ -481,8 +481,12 @@ def test_worker_rejects_by_policy_and_scores_the_rest(plan: list[tuple[int, str,
         else:
             expected["scored"] += 1
             last[stream] = t
-        items.append(Item(Reading(stream, t, value, values), now))
-    worker.process(items)
+        # Consecutive readings of one stream arrive as one message (a batch), the others alone.
+        if msgs and msgs[-1].readings[0].stream == stream:
+            msgs[-1].readings.append(Reading(stream, t, value, values))
+        else:
+            msgs.append(Message([Reading(stream, t, value, values)], now))
+    worker.process(msgs)
     got = {r: count(metrics, "invalid_readings_total", reason=r) - before[r] for r in INVALID_REASONS}
     assert got == {r: float(expected[r]) for r in INVALID_REASONS}
     assert count(metrics, "readings_total") - scored_before == expected["scored"]

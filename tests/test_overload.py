@@ -30,11 +30,11 @@ from helpers import Daemon, PeakRss, publish_all, rss_bytes, sample, wait_for
 from mqtt_broker import start_test_broker
 
 QUEUE_SIZE = 200
-# A queued reading (Item + Reading + its dict of four floats + deque slot) takes ~450
-# bytes in CPython (tracemalloc); 2 KB leaves room for the message it came in. Allocator
-# noise, paho's buffers and numpy's batch temporaries are what the fixed slack is for:
-# the runs here grow by 0.3-3 MB, while an unbounded queue would hold every reading this
-# overload drops (~40,000 here, ~18 MB).
+# A queued reading (its Reading and dict of four floats; a single-reading message adds its
+# Message and list) takes 380-490 bytes in CPython (tracemalloc); 2 KB leaves room for the
+# message it came in. Allocator noise, paho's buffers and numpy's batch temporaries are
+# what the fixed slack is for: the runs here grow by 0.3-3 MB, while an unbounded queue
+# would hold every reading this overload drops (~40,000 here, ~18 MB).
 ITEM_BYTES = 2048
 QUEUED_BYTES = 450
 SLACK_BYTES = 12 << 20

@@ -12,37 +12,59 @@ import pytest
 from detector import checkpoint, sdnotify
 from detector.alerts import alert_payload, alert_topic
 from detector.engine import Event
-from detector.intake import Intake, Item
+from detector.intake import Intake, Message
 from detector.payloads import Reading
 
 
-def items(n: int, start: int = 0) -> list[Item]:
-    return [Item(Reading("s", float(i), float(i), None), 0.0) for i in range(start, start + n)]
+def message(n: int, start: int = 0, received: float = 0.0) -> Message:
+    """One MQTT message holding ``n`` readings stamped start, start + 1, ..."""
+    return Message([Reading("s", float(i), float(i), None) for i in range(start, start + n)], received)
+
+
+def stamps(msgs: list[Message]) -> list[float]:
+    return [r.ts for m in msgs for r in m.readings]
 
 
 def test_drop_oldest_keeps_the_freshest_and_counts() -> None:
     q = Intake(5, "drop_oldest")
-    assert q.put(items(4)) == 0
-    assert q.put(items(3, start=4)) == 2
-    assert [it.reading.ts for it in q.take(10, 0.0)] == [2.0, 3.0, 4.0, 5.0, 6.0]
-    assert q.put(items(8, start=10)) == 3
-    assert [it.reading.ts for it in q.take(10, 0.0)] == [13.0, 14.0, 15.0, 16.0, 17.0]
+    assert q.put(message(4)) == 0
+    assert q.put(message(3, start=4)) == 2  # the oldest message loses its first two readings
+    assert len(q) == 5
+    assert stamps(q.take(10, 0.0)) == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert q.put(message(8, start=10)) == 3  # larger than the queue: its newest five stay
+    assert stamps(q.take(10, 0.0)) == [13.0, 14.0, 15.0, 16.0, 17.0]
+    for start in (20, 21, 22):  # three single readings, then a batch that evicts two
+        q.put(message(1, start=start))
+    assert q.put(message(4, start=30)) == 2 and len(q) == 5
+    assert stamps(q.take(10, 0.0)) == [22.0, 30.0, 31.0, 32.0, 33.0]
 
 
 def test_drop_newest_keeps_the_oldest_and_counts() -> None:
     q = Intake(5, "drop_newest")
-    assert q.put(items(4)) == 0
-    assert q.put(items(3, start=4)) == 2
-    assert [it.reading.ts for it in q.take(3, 0.0)] == [0.0, 1.0, 2.0]
+    assert q.put(message(4)) == 0
+    assert q.put(message(3, start=4)) == 2
+    assert stamps(q.take(3, 0.0)) == [0.0, 1.0, 2.0]
     assert len(q) == 2
+
+
+def test_take_splits_a_message_and_keeps_its_receive_time() -> None:
+    q = Intake(100)
+    q.put(message(3, received=7.0))
+    q.put(message(4, start=3, received=8.0))
+    first = q.take(5, 0.0)
+    assert stamps(first) == [0.0, 1.0, 2.0, 3.0, 4.0] and [m.received for m in first] == [7.0, 8.0]
+    assert len(q) == 2
+    rest = q.take(5, 0.0)
+    assert stamps(rest) == [5.0, 6.0] and [m.received for m in rest] == [8.0]
+    assert len(q) == 0 and q.take(5, 0.0) == []
 
 
 def test_closed_intake_refuses_but_drains() -> None:
     q = Intake(10)
-    q.put(items(3))
+    q.put(message(3))
     q.close()
-    assert q.put(items(2)) == 2
-    assert len(q.take(10, 1.0)) == 3 and q.take(10, 1.0) == []
+    assert q.put(message(2)) == 2
+    assert stamps(q.take(10, 1.0)) == [0.0, 1.0, 2.0] and q.take(10, 1.0) == []
 
 
 def test_alert_topic_cannot_escape_or_wildcard() -> None:
