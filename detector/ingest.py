@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import ssl
 import sys
 import threading
@@ -155,6 +156,14 @@ class ReadAheadClient(mqtt.Client):
         start = self._rpos
         self._rpos = min(start + bufsize, len(self._rbuf))
         return self._rbuf[start:self._rpos]
+
+    def _create_socket_connection(self) -> socket.socket:
+        # Nagle's algorithm holds a small write (an alert, a PUBACK) while an earlier one is
+        # unacknowledged, and the broker's delayed ACK can make that tens of milliseconds.
+        sock = super()._create_socket_connection()
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
         # Return only with the read-ahead buffer empty: paho's next select() cannot see

@@ -36,13 +36,16 @@ class Intake:
         self._n = 0
         self._capacity = capacity
         self._drop_oldest = overload == "drop_oldest"
-        self._cond = threading.Condition(threading.Lock())
+        # put and take enter the lock itself: Condition's own __enter__/__exit__ are Python
+        # calls, and put runs once per MQTT message.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._closed = False
 
     def put(self, msg: Message) -> int:
         """Queue ``msg``; returns how many readings the overload policy dropped (of it, or
         of older messages)."""
-        with self._cond:
+        with self._lock:
             k = len(msg.readings)
             if self._closed:
                 return k

@@ -231,6 +231,9 @@ class Worker:
 
     @staticmethod
     def _rows(eng: Engine, group: list[Message]) -> Rows:
+        """The group's readings in the model's feature order (absent features NaN: the
+        engine scores on the others); readings that name a feature the model lacks, or
+        give one value to a multi-feature model, are counted in ``mismatch`` and left out."""
         feats = eng.features
         n_feat = len(feats)
         readings = group[0].readings if len(group) == 1 else [r for m in group for r in m.readings]
@@ -257,6 +260,7 @@ class Worker:
 
     @staticmethod
     def _rows_one_by_one(eng: Engine, group: list[Message]) -> Rows:
+        """``_rows`` for a group that mixes forms or feature sets."""
         feats, every = eng.features, eng.feature_index.keys()
         n_feat = len(feats)
         nan = math.nan

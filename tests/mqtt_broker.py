@@ -87,6 +87,10 @@ class BrokerHandle:
         conf.write_text("\n".join([
             *listener,
             "persistence false",
+            # As deploy/mosquitto/mosquitto.conf: without it Nagle's algorithm and delayed
+            # ACKs held readings and alerts for tens of milliseconds (publish -> alert p50
+            # 24-35 ms, with it 5 ms; bench/RESULTS.md).
+            "set_tcp_nodelay true",
             # Load tests publish bursts far above the default queue limit of 1000.
             "max_queued_messages 100000",
             f"log_dest file {self._dir / 'mosquitto.log'}",
