@@ -390,7 +390,8 @@ class Worker:
     def _save_learned_index(self) -> bool:
         """Write ``learned.json`` atomically when it changed; a failure (disk full) is
         logged and counted as a checkpoint failure, and the next checkpoint tries again."""
-        data = json.dumps({s: str(e.bundle.path) for s, e in self.models.learned.items()}, indent=1).encode()
+        data = json.dumps({s: self._relative(e.bundle.path) for s, e in self.models.learned.items()},
+                          indent=1).encode()
         path = self.state_dir / "learned.json"
         try:
             if path.is_file() and path.read_bytes() == data:
@@ -401,6 +402,14 @@ class Worker:
             log.error("saving %s failed (learned models stay in use): %s", path, err)
             return False
         return True
+
+    def _relative(self, path: Path) -> str:
+        """A learned bundle's path as ``learned.json`` keeps it: relative to the state
+        directory (they live in its ``models/``), so the directory can be moved whole."""
+        try:
+            return Path(path).resolve().relative_to(self.state_dir.resolve()).as_posix()
+        except ValueError:
+            return str(path)
 
     def restore_learned(self) -> int:
         path = self.state_dir / "learned.json"
@@ -413,7 +422,8 @@ class Worker:
             return 0
         for stream, bpath in index.items():
             try:
-                eng = Engine(bundle.load(bpath), self.cfg.score, self.cfg.engine)
+                # Relative paths are the state directory's; absolute ones (older files) as written.
+                eng = Engine(bundle.load(self.state_dir / bpath), self.cfg.score, self.cfg.engine)
             except Exception as err:
                 log.warning("learned model for %s not restored: %s", stream, err)
                 continue

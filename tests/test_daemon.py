@@ -178,7 +178,24 @@ def test_a_stream_with_no_model_learns_one_and_is_then_scored(tmp_path: Path, br
     finally:
         assert d.stop() == 0
     index = json.loads((tmp_path / "state" / "learned.json").read_text())
-    assert list(index) == ["sensors/site/temp"] and Path(index["sensors/site/temp"]).is_dir()
+    # Relative to the state directory, so that the directory can be moved whole: a daemon
+    # whose state lives elsewhere now scores the stream with the learned model at once.
+    assert list(index) == ["sensors/site/temp"] and not Path(index["sensors/site/temp"]).is_absolute()
+    assert (tmp_path / "state" / index["sensors/site/temp"]).is_dir()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "state").rename(moved / "state")
+    d = Daemon(moved, broker.port, learn="warmup_readings = 200", extra=SMALL_FIT)
+    d.start()
+    try:
+        assert d.value("anomaly_detector_learned_models") == 1
+        later = [("sensors/site/temp", json.dumps({"ts": t0 + i, "value": float(values[i, 0])}).encode())
+                 for i in range(300, 320)]
+        publish_all(broker.port, later)
+        wait_for(lambda: d.value("anomaly_detector_readings_total") >= 20, "scored with the moved model")
+        assert d.value('anomaly_detector_dropped_readings_total{reason="learning"}') == 0
+    finally:
+        assert d.stop() == 0
 
 
 def test_demo_runs_prints_alerts_and_stops_cleanly() -> None:

@@ -80,13 +80,13 @@ new_normal_readings = 50""", extra=SMALL_FIT)
                 for i in range(700)]
         publish_all(broker.port, msgs[:200])
         wait_for(lambda: "learned a model for sensors/site/flow" in d.logtext(), "a learned model", 300)
-        first = json.loads((tmp_path / "state" / "learned.json").read_text())["sensors/site/flow"]
+        first = tmp_path / "state" / json.loads((tmp_path / "state" / "learned.json").read_text())["sensors/site/flow"]
         publish_all(broker.port, msgs[200:500])  # 300 normal readings: a window to refit on
         wait_for(lambda: "refitted the model of sensors/site/flow" in d.logtext(), "a refit", 300)
         assert d.value("anomaly_detector_refits_total") >= 1
         assert d.value("anomaly_detector_learned_models") == 1
-        second = json.loads((tmp_path / "state" / "learned.json").read_text())["sensors/site/flow"]
-        assert second != first and Path(second).is_dir() and not Path(first).exists()
+        second = tmp_path / "state" / json.loads((tmp_path / "state" / "learned.json").read_text())["sensors/site/flow"]
+        assert second != first and second.is_dir() and not first.exists()
         # The stream kept its state across the swap (the engine restarts only its settle
         # count, as for any model change): written next to the new bundle at once.
         saved = dict(np.load(Path(second) / "streams.npz"))
