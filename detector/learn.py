@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from detector.config import Config
+from detector.ring import Ring
 
 _SPAWN = multiprocessing.get_context("spawn")  # never fork: the daemon has threads
 
@@ -75,9 +76,7 @@ def find_learned(models_dir: Path, stream: str) -> Path | None:
 @dataclass
 class _Stream:
     features: list[str]
-    times: np.ndarray  # ring buffers: bounded memory whatever the stream sends
-    values: np.ndarray
-    n: int = 0  # readings ever buffered; the ring holds the last len(times)
+    ring: Ring  # bounded memory whatever the stream sends
     last_ts: float = -np.inf
     last_add: float = 0.0
     state: str = "collecting"
@@ -87,10 +86,6 @@ class _Stream:
     out: Path | None = None
     started: float = 0.0
     reply: tuple[str | None, str | None] | None = field(default=None, repr=False)
-
-    def ordered(self) -> tuple[np.ndarray, np.ndarray]:
-        k = self.n % len(self.times)
-        return np.roll(self.times, -k), np.roll(self.values, -k, axis=0)
 
 
 class Learner:
@@ -120,7 +115,7 @@ class Learner:
                 self.stats["dropped_capacity"] += 1
                 return
             nf = len(features)
-            st = _Stream(list(features), np.zeros(self.warmup), np.zeros((self.warmup, nf)))
+            st = _Stream(list(features), Ring.empty(self.warmup, nf))
             self._streams[stream] = st
             self._collecting[stream] = None
         elif st.state == "collecting":
@@ -130,10 +125,9 @@ class Learner:
         if list(features) != st.features:  # a model has one feature list; keep the first
             self.stats["dropped_features"] += 1
             return
-        i = st.n % self.warmup
-        st.times[i], st.values[i] = ts, np.asarray(values, dtype=np.float64).reshape(-1)
-        st.n, st.last_ts, st.last_add = st.n + 1, float(ts), now
-        if st.state == "collecting" and st.n >= self.warmup:
+        st.ring.push(ts, np.asarray(values, dtype=np.float64).reshape(-1))
+        st.last_ts, st.last_add = float(ts), now
+        if st.state == "collecting" and st.ring.n >= self.warmup:
             st.state = "waiting"
             self._collecting.pop(stream, None)
             self._queue.append(stream)
@@ -148,10 +142,8 @@ class Learner:
         now = time.monotonic()
         if stream in self._streams or not self._make_room(now):
             return False
-        n = len(times)
-        self._streams[stream] = _Stream(list(features), np.array(times, dtype=np.float64),
-                                        np.array(values, dtype=np.float64).reshape(n, len(features)),
-                                        n=n, last_ts=float(times[-1]), last_add=now, state="waiting")
+        self._streams[stream] = _Stream(list(features), Ring.full(times, values), last_ts=float(times[-1]),
+                                        last_add=now, state="waiting")
         self._queue.append(stream)
         self._pump(now)
         return True
@@ -228,7 +220,7 @@ class Learner:
         while out.exists():  # a quick retry within the same second
             k += 1
             out = self.models_dir / f"{base}-{k}"
-        times, values = st.ordered()
+        times, values = st.ring.ordered()
         recv, send = _SPAWN.Pipe(duplex=False)
         proc = _SPAWN.Process(target=_child, name=f"learn {safe_name(sid)}", daemon=True,
                               args=(sid, times, values, st.features, self.cfg, out, send,

@@ -26,27 +26,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from detector.ring import Ring
+
 
 @dataclass
 class _Window:
-    times: np.ndarray  # ring of the last `window` normal readings
-    values: np.ndarray
-    n: int = 0
+    ring: Ring  # the last `window` normal readings
     held_times: list[float] = field(default_factory=list)  # the current episode's readings
     held_values: list[np.ndarray] = field(default_factory=list)
     episode_len: int = 0
     due_at: float = 0.0
-
-    def push(self, ts: float, row: np.ndarray) -> None:
-        i = self.n % len(self.times)
-        self.times[i], self.values[i] = ts, row
-        self.n += 1
-
-    def ordered(self) -> tuple[np.ndarray, np.ndarray]:
-        k = min(self.n, len(self.times))
-        start = self.n % len(self.times) if self.n > len(self.times) else 0
-        idx = (start + np.arange(k)) % len(self.times)
-        return self.times[idx].copy(), self.values[idx].copy()
 
 
 class RefitPlan:
@@ -64,8 +53,7 @@ class RefitPlan:
     def start(self, stream: str, n_features: int, now: float) -> None:
         """Begin (or begin again, after a swap) a stream's window; the first refit is due
         one interval from ``now``."""
-        self._streams[stream] = _Window(np.zeros(self.window), np.zeros((self.window, n_features)),
-                                        due_at=now + self.interval_s)
+        self._streams[stream] = _Window(Ring.empty(self.window, n_features), due_at=now + self.interval_s)
 
     def forget(self, stream: str) -> None:
         self._streams.pop(stream, None)
@@ -85,19 +73,19 @@ class RefitPlan:
                 w.held_values.clear()
                 w.episode_len = 0
                 if np.isfinite(row).all():  # a window of complete rows: training wants them
-                    w.push(t, row)
+                    w.ring.push(t, row)
                 continue
             w.episode_len += 1
             if w.episode_len > self.new_normal:
                 if np.isfinite(row).all():
-                    w.push(t, row)
+                    w.ring.push(t, row)
                 continue
             if np.isfinite(row).all():
                 w.held_times.append(t)
                 w.held_values.append(np.array(row, dtype=np.float64))
             if w.episode_len == self.new_normal:  # it lasted: the new normal
                 for ht, hv in zip(w.held_times, w.held_values):
-                    w.push(ht, hv)
+                    w.ring.push(ht, hv)
                 w.held_times.clear()
                 w.held_values.clear()
 
@@ -109,7 +97,7 @@ class RefitPlan:
             if now < w.due_at:
                 continue
             w.due_at = now + self.interval_s
-            if min(w.n, self.window) >= self.min_readings:
-                times, values = w.ordered()
+            if len(w.ring) >= self.min_readings:
+                times, values = w.ring.ordered()
                 out.append((stream, times, values))
         return out

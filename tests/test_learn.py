@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from detector import bundle, config, learn, plant
+from detector.ring import Ring
 
 DEADLINE_S = 600.0  # generous: a shared 2-core machine; nothing here asserts speed
 
@@ -162,7 +163,7 @@ def test_capacity_bounds_collecting_streams(tmp_path: Path, tiny_cfg: config.Con
     assert lr.pending() == 3 and sorted(lr._streams) == ["s0", "s3", "s4"]
     assert lr.stats["evicted_capacity"] == 2 and lr.stats["dropped_capacity"] == 0
     lr.add("s0", 3.0, np.ones(1), ["x"])  # known streams still collect
-    assert lr._streams["s0"].n == 3
+    assert lr._streams["s0"].ring.n == 3
     lr.add("s0", 4.0, np.ones(2), ["x", "y"])  # a different feature list: not this stream's
     assert lr.stats["dropped_features"] == 1
     lr.close()
@@ -172,10 +173,25 @@ def test_buffer_is_bounded_and_keeps_the_latest(tmp_path: Path, tiny_cfg: config
     lr = learn.Learner(tiny_cfg, tmp_path, warmup_readings=5, max_concurrent=0)  # never fits
     for t in range(1, 13):
         lr.add("s", float(t), np.array([t * 10.0]), ["x"])
-    times, values = lr._streams["s"].ordered()
+    times, values = lr._streams["s"].ring.ordered()
     assert times.tolist() == [8.0, 9.0, 10.0, 11.0, 12.0]
     assert values[:, 0].tolist() == [80.0, 90.0, 100.0, 110.0, 120.0]
     lr.close()
+
+
+def test_ring_holds_the_last_readings_oldest_first() -> None:
+    ring = Ring.empty(4, 2)
+    assert len(ring) == 0 and ring.ordered()[0].tolist() == []
+    for t in range(1, 4):  # not yet full
+        ring.push(float(t), np.array([t, -t]))
+    assert len(ring) == 3 and ring.ordered()[0].tolist() == [1.0, 2.0, 3.0]
+    for t in range(4, 7):  # wrapped
+        ring.push(float(t), np.array([t, -t]))
+    times, values = ring.ordered()
+    assert len(ring) == 4 and ring.n == 6 and times.tolist() == [3.0, 4.0, 5.0, 6.0]
+    assert values.tolist() == [[3, -3], [4, -4], [5, -5], [6, -6]]
+    full = Ring.full(times, values)
+    assert len(full) == 4 and full.ordered()[0].tolist() == times.tolist()
 
 
 @pytest.mark.parametrize("ids", [["a/b", "a+b", "a#b", "a b", "a-b", "a_b", "a\\b"],
