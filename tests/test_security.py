@@ -287,16 +287,21 @@ def test_tls_with_client_certificates_connects_scores_and_alerts(
     assert passwords["anomaly-detector"] not in log
 
 
-@pytest.mark.parametrize("case", ["no client certificate", "trusts another CA"])
+@pytest.mark.parametrize("case", ["no client certificate", "trusts another CA", "names another host"])
 def test_tls_without_client_certificate_or_with_the_wrong_ca_does_not_connect(
         tmp_path: Path, tls_broker: BrokerHandle, pki: Pki, passwords: dict[str, str], case: str) -> None:
-    """The broker refuses a daemon without a certificate; a daemon that trusts another CA
-    refuses the broker. Either way: not connected, /healthz 503, a log line, retries with
-    back-off, no crash, and a clean stop."""
+    """The broker refuses a daemon without a certificate; a daemon that trusts another CA,
+    or that reaches the broker under a name its certificate does not carry, refuses the
+    broker. Either way: not connected, /healthz 503, a log line, retries with back-off, no
+    crash, and a clean stop."""
     pw = password_file(tmp_path, passwords["anomaly-detector"])
-    tls = tls_lines(pki, client_cert=False) if case == "no client certificate" else tls_lines(pki, ca=pki.other_ca)
+    tls = {"no client certificate": tls_lines(pki, client_cert=False),
+           "trusts another CA": tls_lines(pki, ca=pki.other_ca),
+           "names another host": tls_lines(pki)}[case]
+    # "127.1" is 127.0.0.1 to the resolver, but not a name in the certificate (which has
+    # IP:127.0.0.1 and DNS:localhost): only the host name check can refuse it.
     d = Daemon(tmp_path, tls_broker.port, mqtt=tls + f'username = "anomaly-detector"\npassword_file = "{pw}"\n'
-               "reconnect_max_s = 2\n")
+               "reconnect_max_s = 2\n", host="127.1" if case == "names another host" else "127.0.0.1")
     before = attempts(tls_broker)
     d.launch()
     try:
@@ -308,6 +313,8 @@ def test_tls_without_client_certificate_or_with_the_wrong_ca_does_not_connect(
         wait_for(lambda: "cannot connect to" in d.logtext(), "a 'cannot connect' line")
         if case == "trusts another CA":
             assert "certificate verify failed" in d.logtext()
+        if case == "names another host":
+            assert "Hostname mismatch" in d.logtext() or "IP address mismatch" in d.logtext()
         assert "disconnected from the broker" not in d.logtext()
         assert d.proc is not None and d.proc.poll() is None, "the daemon died"
         assert d.healthz() == 503
