@@ -140,13 +140,14 @@ def follow(dev: np.ndarray, var: np.ndarray, excess: np.ndarray, a: np.ndarray,
 
 
 def likelihood_level(mean: np.ndarray, var: np.ndarray, excess: np.ndarray,
-                     min_std: float | np.ndarray, p: float) -> np.ndarray:
-    """The recent average log-error whose :func:`likelihood` is ``p``: a threshold in
-    error units (``exp`` of it) for alerts."""
-    std = np.maximum(np.sqrt(np.maximum(var, 0.0)), min_std)
-    if p <= 1.0 - TAIL_FRACTION:
-        from statistics import NormalDist
+                     min_std: float | np.ndarray, p: float | np.ndarray) -> np.ndarray:
+    """The recent average log-error whose :func:`likelihood` is ``p`` (a number, or one
+    per stream): a threshold in error units (``exp`` of it) for alerts."""
+    from statistics import NormalDist
 
-        return mean + std * NormalDist().inv_cdf(p)
+    std = np.maximum(np.sqrt(np.maximum(var, 0.0)), min_std)
+    p = np.asarray(p, dtype=np.float64)
     beta = np.maximum(excess, 0.25 * std)
-    return mean + Z_TAIL * std + beta * np.log(TAIL_FRACTION / (1.0 - p))
+    body = np.vectorize(NormalDist().inv_cdf, otypes=[float])(np.clip(p, 1e-300, 1.0 - TAIL_FRACTION))
+    tail = Z_TAIL + beta / std * np.log(TAIL_FRACTION / np.maximum(1.0 - p, 1e-300))
+    return mean + std * np.where(p <= 1.0 - TAIL_FRACTION, body, tail)

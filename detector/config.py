@@ -77,6 +77,7 @@ class ScoreConfig:
     hold_readings: int = field(default=10, metadata=_check(lambda v: v >= 0, "must be >= 0"))
     report: str = field(default="onset", metadata=_check(
         lambda v: v in ("onset", "every"), 'must be "onset" or "every"'))
+    spike_readings: int = field(default=10, metadata=_check(lambda v: v >= 0, "must be >= 0"))
 
 
 @dataclass(frozen=True)

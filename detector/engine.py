@@ -11,7 +11,10 @@ scoring at least ``threshold`` and ends after ``clear_readings`` in a row below
 ``clear_threshold``; a reading is flagged when it belongs to an episode (a run of normal
 readings inside one only while it is shorter than half the episode before it). With
 ``report = "onset"`` the score of an episode's later readings is capped at
-``clear_threshold``: the score peaks once, at the onset (docs/quality.md).
+``clear_threshold``: the score peaks once, at the onset (docs/quality.md). Habituation
+(``spike_readings``): outside an episode a reading's probability is multiplied by 1 + the
+decaying count of recent spikes (episodes at most ``spike_readings`` long) of the features
+that carry its error, so a spike that keeps recurring in one sensor stops being news.
 
 Policies:
 
@@ -156,6 +159,9 @@ class Engine:
         self.lt_excess = extend(get("lt_excess"), (cap,), np.float64, 1.0)
         self.lt_var1 = extend(get("lt_var1"), (cap,), np.float64, 1.0)
         self.lt_excess1 = extend(get("lt_excess1"), (cap,), np.float64, 1.0)
+        self.spike_rate = extend(get("spike_rate"), (cap, self.n_features), np.float64, 0.0)
+        self.onset_shares = extend(get("onset_shares"), (cap, self.n_features), np.float64, 0.0)
+        self.spike_at = extend(get("spike_at"), (cap,), np.int64, 0)
         self._stream_of.extend([None] * (cap - old))
         self._free.extend(range(cap - 1, old - 1, -1))
 
@@ -176,6 +182,9 @@ class Engine:
         self.lt_excess[slot] = self._lt0_excess
         self.lt_var1[slot] = self._lt0_var1
         self.lt_excess1[slot] = self._lt0_excess1
+        self.spike_rate[slot] = 0.0
+        self.onset_shares[slot] = 0.0
+        self.spike_at[slot] = 0
 
     def _release(self, slots: np.ndarray, reason: str) -> None:
         for slot in slots.tolist():
@@ -219,7 +228,8 @@ class Engine:
     # ---- checkpoints -------------------------------------------------------------
     _STATE_ARRAYS = ("h", "c", "pred", "smoothed", "count", "last_ts", "last_seen", "in_episode",
                      "flagged_run", "normal_run", "episode_age", "recent", "lt_mean", "lt_var",
-                     "lt_excess", "lt_var1", "lt_excess1")
+                     "lt_excess", "lt_var1", "lt_excess1", "spike_rate",
+                     "onset_shares", "spike_at")
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """Every live stream's state as plain arrays (for ``np.savez``: no pickle)."""
@@ -333,6 +343,19 @@ class Engine:
             score = 1.0 - np.minimum(2.0 * np.minimum(p_recent, p_single), 1.0)
         else:
             score = self.bundle.calibration.score(sm)
+        was = self.in_episode[slots]
+        if self.cfg.spike_readings:
+            # Habituation: outside an episode, errors in features that recently spiked
+            # (short episodes, see below) must be 1 + their decaying count of spikes times
+            # less likely to start another episode: a spike that keeps recurring in the same
+            # sensor is no longer news (a Bonferroni correction over that sensor's recent
+            # spikes), while a fault in another sensor is judged as before. Sustained
+            # episodes do not count, so a drift or a fault never hides the next one.
+            # The counts are stored as of reading spike_at and decayed here, so that only
+            # the rare spike ends write them.
+            decay = (1.0 - self._alpha_history) ** np.maximum(count - self.spike_at[slots], 0)
+            repeat = 1.0 + (shares * self.spike_rate[slots]).sum(axis=1) * decay
+            score = np.where(was, score, 1.0 - np.minimum((1.0 - score) * repeat, 1.0))
         warm = count >= self.cfg.settle_readings
         above = (score >= self.cfg.threshold) & warm
         if self.cfg.method == "likelihood":
@@ -358,7 +381,6 @@ class Engine:
         normal = (score < self.cfg.clear_threshold) | ~warm
         flagged_run = np.where(above, self.flagged_run[slots] + 1, 0)
         normal_run = np.where(normal, self.normal_run[slots] + 1, 0)
-        was = self.in_episode[slots]
         starts = ~was & (flagged_run >= self.cfg.min_flagged)
         ends = was & (normal_run >= self.cfg.clear_readings)
         now_in = (was | starts) & ~ends
@@ -375,6 +397,18 @@ class Engine:
             # (what alerts and NAB-style scoring act on) and stays low while the episode
             # goes on; the episode itself is still judged on the full score.
             score = np.where(was, np.minimum(score, self.cfg.clear_threshold), score)
+        if self.cfg.spike_readings:
+            # A spike: an episode whose unusual part (onset to its last reading at or above
+            # clear_threshold) lasted at most spike_readings readings; it counts for the
+            # features that carried its onset, and the counts decay with the span of the
+            # long-run statistics.
+            if starts.any():
+                self.onset_shares[slots[starts]] = shares[starts]
+            spike = ends & (self.episode_age[slots] + 1 - normal_run <= self.cfg.spike_readings)
+            if spike.any():
+                at = slots[spike]
+                self.spike_rate[at] = self.spike_rate[at] * decay[spike, None] + self.onset_shares[at]
+                self.spike_at[at] = count[spike]
         self.flagged_run[slots] = flagged_run
         self.episode_age[slots] = age
         self.normal_run[slots] = normal_run
@@ -394,9 +428,13 @@ class Engine:
         if self.cfg.method == "likelihood":
             # The stream's own threshold: the error level (geometric mean of the recent
             # errors) at which it is flagged, under the statistics it was judged by (the
-            # recent-average test at its Bonferroni share of the threshold).
+            # recent-average test at its Bonferroni share of the threshold, habituation
+            # included).
+            share = (1.0 - self.cfg.threshold) / 2.0
+            if self.cfg.spike_readings:
+                share = share / repeat[events]
             thr = np.exp(likelihood_level(mean[events], var[events], excess[events], self._min_std,
-                                          1.0 - (1.0 - self.cfg.threshold) / 2.0))
+                                          1.0 - share))
         else:
             thr = np.full(len(events), self.threshold_error)
         for k, j in enumerate(events.tolist()):

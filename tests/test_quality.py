@@ -1,6 +1,7 @@
 """The decision rule and attribution on a real trained model: a sustained fault is one
 episode, flagged throughout, reported once at its onset, attributed to the faulty sensor;
-normal data is left alone."""
+normal data is left alone; a spike that recurs in one sensor needs stronger evidence there
+(habituation), a sustained fault does not count as a spike."""
 
 from __future__ import annotations
 
@@ -81,3 +82,39 @@ def test_a_single_spike_is_one_short_flag_not_an_episode_long_run_of_flags(bundl
     assert end.ts - START >= cfg.clear_readings
     assert res.in_episode[START:START + cfg.clear_readings].all()
     assert res.flag[START] and res.flag[START:int(end.ts)].sum() <= 5
+
+
+def test_a_recurring_spike_needs_stronger_evidence_in_its_own_sensor_only(bundle) -> None:
+    cfg = ScoreConfig()
+    flow = plant.FEATURES.index("flow")
+    vals = plant.normal(N + 1, seed=22)[1]
+    vals[START, flow] += 40.0  # one spike: a short episode, carried by flow
+    eng = Engine(bundle, cfg)
+    eng.process(["s"] * N, np.arange(float(N)), vals[:N], now=1e7)
+    slot = eng.slot_of["s"]
+    assert not eng.in_episode[slot]  # the spike's episode is over
+    # Each feature's count of recent spikes, decayed to now (stored as of the last spike).
+    rate = eng.spike_rate[slot] * (1.0 - 1.0 / cfg.history) ** (eng.count[slot] - eng.spike_at[slot])
+    assert rate[flow] > 0.5 and rate.sum() < 1.0
+
+    # The same next reading, from the same state, with and without habituation: its
+    # chance under the stream's statistics is multiplied by 1 + (its shares x the counts).
+    snap = eng.snapshot()
+    for feature, more in ((flow, True), (plant.FEATURES.index("pressure"), False)):
+        nxt = vals[N].copy()
+        nxt[feature] += 3.0 * vals[:START, feature].std()
+        res = {}
+        for k in (cfg.spike_readings, 0):
+            e = Engine(bundle, replace(cfg, spike_readings=k))
+            e.restore(snap)
+            res[k] = e.process(["s"], [float(N)], [nxt], now=1e7)
+        p_on, p_off = 1.0 - res[cfg.spike_readings].score[0], 1.0 - res[0].score[0]
+        expected = 1.0 + float(res[0].shares[0] @ rate)
+        assert p_off < 0.5 and abs(p_on / p_off - expected) < 1e-6 * expected
+        assert (expected > 1.3) if more else (expected < 1.1)
+
+
+def test_a_sustained_fault_is_not_a_spike(bundle) -> None:
+    eng = Engine(bundle)
+    eng.process(["p"] * N, np.arange(float(N)), _sustained_fault(plant.FEATURES.index("pressure"), 22), now=1e7)
+    assert eng.spike_rate[eng.slot_of["p"]].max() < 0.05
