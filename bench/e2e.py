@@ -1,12 +1,13 @@
 """End to end through a real Mosquitto: throughput, latency, memory and start-up.
 
-    python bench/e2e.py [--streams 1000] [--count 20] [--quick] [--protocol 3.1.1|5]
+    python bench/e2e.py [--streams 1000] [--count 50] [--repeat 3] [--quick] [--protocol 3.1.1|5]
                         [--max-batch N] [--publisher lean|simulate]
 
 In one run, on this machine (all on loopback):
   * the bare paho subscriber's rate (decode JSON, count) for publishes flat out — the
     ceiling — and the daemon's scoring rate for the same load, QoS 0 and 1, single-reading
-    and batched messages; the daemon's run counts as sustained only with zero loss
+    and batched messages, each point run --repeat times alternately and the medians
+    compared; the daemon's run counts as sustained only with zero loss
     (``readings_total`` = published, nothing dropped or rejected);
   * receive → scored latency (``processing_seconds``) p50/p99 at half the daemon's rate,
     with readings evenly paced, and publish → alert for injected faults (the alert's ``ts``
@@ -24,6 +25,7 @@ import argparse
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -365,8 +367,9 @@ def settle(d: Daemon, quiet_s: float = 1.0) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", type=int, default=1000)
-    ap.add_argument("--count", type=int, default=20,
-                    help="readings per stream per single-reading run (batched runs: 50x as many)")
+    ap.add_argument("--count", type=int, default=50,
+                    help="readings per stream per single-reading run (batched runs: 20x as many)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each throughput point (medians reported)")
     ap.add_argument("--quick", action="store_true", help="skip the 100k-stream memory point")
     ap.add_argument("--protocol", default="3.1.1", choices=["3.1.1", "5"], help="the daemon's MQTT protocol")
     ap.add_argument("--max-batch", type=int, default=None, help="[worker] max_batch (default: the daemon's)")
@@ -389,12 +392,21 @@ def main() -> int:
                 rates = {}
                 for batch in (1, 100):
                     for qos in (0, 1):
-                        count = args.count if batch == 1 else args.count * 50  # 1M readings: ~5 s at 200k/s
-                        bare = bare_rate(broker.port, args.streams, count, qos, batch, lean)
-                        rate, ok = daemon_rate(d, broker.port, args.streams, count, qos, batch, lean)
+                        count = args.count if batch == 1 else args.count * 20  # 1M readings: ~5 s at 200k/s
+                        # Bare and daemon runs alternate; the medians are compared, so that a
+                        # neighbour's burst on this shared machine skews neither side alone.
+                        bares, runs = [], []
+                        for _ in range(args.repeat):
+                            bares.append(bare_rate(broker.port, args.streams, count, qos, batch, lean))
+                            runs.append(daemon_rate(d, broker.port, args.streams, count, qos, batch, lean))
+                        bare = statistics.median(bares)
+                        rate = statistics.median(r for r, _ in runs)
+                        ok = all(z for _, z in runs)
                         rates[(batch, qos)] = rate
                         label = "single" if batch == 1 else f"batch {batch}"
-                        print(f"{label:10s} {qos:3d} {bare:11.0f} {rate:10.0f} {rate / bare:6.2f} {ok}")
+                        print(f"{label:10s} {qos:3d} {bare:11.0f} {rate:10.0f} {rate / bare:6.2f} {ok}   "
+                              f"(runs: bare {', '.join(f'{b:.0f}' for b in bares)}; "
+                              f"daemon {', '.join(f'{r:.0f}' for r, _ in runs)})", flush=True)
                 half = rates[(1, 0)] / 2
                 settle(d)
                 before = scrape(d.metrics_port)

@@ -274,22 +274,40 @@ class Engine:
                      in_episode=np.zeros(n, dtype=bool), shares=np.zeros((n, self.n_features)))
         if n == 0:
             return out
-        for idx in _rounds(streams):
-            self._step(idx, streams, ts_arr, vals, now, out)
+        codes, distinct = _codes(streams)
+        # Each distinct stream's slot is looked up once per call, not once per reading;
+        # round by round (as a stream's readings come) only when this call alone holds more
+        # streams than max_streams, or making room evicted one of its own streams.
+        slot_of = None
+        if len(distinct) <= self.ecfg.max_streams:
+            made_room = self.evicted["max_streams"]
+            slot_of = self._slots(distinct, now)
+            if self.evicted["max_streams"] != made_room and any(
+                    self._stream_of[k] != sid for k, sid in zip(slot_of.tolist(), distinct)):
+                slot_of = None
+        for idx in _rounds(codes, len(distinct)):
+            if slot_of is not None:
+                slots = slot_of[codes[idx]]
+            else:
+                slots = self._slots([streams[i] for i in idx.tolist()], now)
+            self._step(idx, slots, streams, ts_arr, vals, now, out)
         return out
 
-    def _step(self, idx: np.ndarray, streams: Sequence[str], ts_all: np.ndarray,
-              vals_all: np.ndarray, now: float, out: Scored) -> None:
-        sids = [streams[i] for i in idx.tolist()]
+    def _slots(self, sids: Sequence[str], now: float) -> np.ndarray:
+        """The slots of ``sids``, new streams given one."""
         get = self.slot_of.get
         slots = np.fromiter((get(s, -1) for s in sids), dtype=np.int64, count=len(sids))
         new = np.flatnonzero(slots < 0)
         if len(new):
-            # Mark this batch's known streams as seen first, so that making room for the
-            # new ones never evicts a stream that is in this very batch.
+            # Mark the known streams as seen first, so that making room for the new ones
+            # does not evict a stream that is in this very batch.
             self.last_seen[slots[slots >= 0]] = now
             for j in new.tolist():
                 slots[j] = self._new_slot(sids[j], now)
+        return slots
+
+    def _step(self, idx: np.ndarray, slots: np.ndarray, streams: Sequence[str], ts_all: np.ndarray,
+              vals_all: np.ndarray, now: float, out: Scored) -> None:
         ts, vals = ts_all[idx], vals_all[idx]
         last = self.last_ts[slots]
         allnan = np.isnan(vals).all(axis=1)
@@ -309,7 +327,6 @@ class Engine:
                 out.rejected[int(idx[j])] = reason
             keep = ~bad
             idx, slots, ts, vals = idx[keep], slots[keep], ts[keep], vals[keep]
-            sids = [s for s, k in zip(sids, keep.tolist()) if k]
             if len(idx) == 0:
                 return
         x = ((vals - self._mean) / self._scale).astype(np.float32)
@@ -439,22 +456,28 @@ class Engine:
             thr = np.full(len(events), self.threshold_error)
         for k, j in enumerate(events.tolist()):
             out.events.append(Event(
-                stream=sids[j], event="anomaly_start" if starts[j] else "anomaly_end",
+                stream=streams[int(idx[j])], event="anomaly_start" if starts[j] else "anomaly_end",
                 ts=float(ts[j]), score=float(score[j]), error=float(err[j]),
                 threshold=float(thr[k]),
                 features={f: round(float(s), 4) for f, s in zip(self.features, shares[j])},
                 model=self.model_ref))
 
 
-def _rounds(streams: Sequence[str]) -> list[np.ndarray]:
+def _codes(streams: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Each reading's stream as a small integer (its index in the distinct streams, in
+    order of first appearance), and the distinct streams."""
+    ids: dict[str, int] = {}
+    codes = np.fromiter((ids.setdefault(s, len(ids)) for s in streams), dtype=np.int64, count=len(streams))
+    return codes, list(ids)
+
+
+def _rounds(codes: np.ndarray, n_distinct: int) -> list[np.ndarray]:
     """Index sets in which every stream appears at most once, preserving per-stream order:
     round r holds each stream's r-th reading of the batch, in batch order. Vectorised:
     with batched messages a batch holds many readings per stream, and a Python loop over
     them cost more than scoring them."""
-    n = len(streams)
-    ids: dict[str, int] = {}
-    codes = np.fromiter((ids.setdefault(s, len(ids)) for s in streams), dtype=np.int64, count=n)
-    if len(ids) == n:
+    n = len(codes)
+    if n_distinct == n:
         return [np.arange(n)]
     order = np.argsort(codes, kind="stable")
     ordered = codes[order]

@@ -9,7 +9,7 @@ import numpy as np
 
 from detector import plant
 from detector.config import EngineConfig, ScoreConfig
-from detector.engine import Engine, _rounds
+from detector.engine import Engine, _codes, _rounds
 
 
 CALIBRATED = ScoreConfig(method="calibrated", threshold=0.999, clear_threshold=0.99)
@@ -150,4 +150,6 @@ def test_rounds_hold_each_streams_kth_reading_in_batch_order() -> None:
                 want.append([])
             want[seen[s]].append(i)
             seen[s] += 1
-        assert [r.tolist() for r in _rounds(streams)] == want
+        codes, distinct = _codes(streams)
+        assert [r.tolist() for r in _rounds(codes, len(distinct))] == want
+        assert [distinct[c] for c in codes] == streams
