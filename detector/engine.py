@@ -128,7 +128,7 @@ class Engine:
         self._free: list[int] = []
         self.evicted: Counter[str] = Counter()
         self._next_idle_sweep = -np.inf
-        self._grow(64)
+        self._grow(min(64, self.ecfg.max_streams))  # never more slots than max_streams
 
     # ---- state slots -------------------------------------------------------------
     def _grow(self, cap: int) -> None:

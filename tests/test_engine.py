@@ -109,6 +109,13 @@ def test_max_streams_bounds_state_and_evicts_least_recently_seen(bundle) -> None
     assert eng.evicted["max_streams"] >= 800
     assert all(sid.startswith(("s9-", "s8-")) for sid in eng.slot_of)
     assert len(eng.h) <= 200
+    # Below the first allocation (64 slots) too: ten streams at most, the oldest go first.
+    small = Engine(bundle, engine=EngineConfig(max_streams=10))
+    for k in range(3):
+        ids = [f"t{k}-{i}" for i in range(10)]
+        small.process(ids, np.ones(10), np.repeat(v, 10, axis=0), now=float(k))
+    assert small.n_streams == 10 and len(small.h) == 10 and small.evicted["max_streams"] == 20
+    assert all(sid.startswith("t2-") for sid in small.slot_of)
 
 
 def test_calibrated_threshold_is_reported_in_error_units(bundle) -> None:
