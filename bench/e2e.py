@@ -1,7 +1,7 @@
 """End to end through a real Mosquitto: throughput, latency, memory and start-up.
 
     python bench/e2e.py [--streams 1000] [--count 50] [--repeat 3] [--quick] [--protocol 3.1.1|5]
-                        [--max-batch N] [--publisher lean|simulate]
+                        [--max-batch N] [--publisher raw|paho|simulate]
 
 In one run, on this machine (all on loopback):
   * the bare paho subscriber's rate (decode JSON, count) for publishes flat out — the
@@ -14,9 +14,12 @@ In one run, on this machine (all on loopback):
     is its reading's, stamped by the publisher as it published it);
   * the daemon's RSS idle and holding state for 1k/10k/100k streams;
   * start-up: process start to ``READY=1`` over ``NOTIFY_SOCKET``.
-The throughput load comes from a lean publisher process (payloads built before the clock
-starts, published flat out) or ``anomaly-detector simulate`` (``--publisher simulate``);
-the latency load from ``simulate`` at a fixed rate.
+The throughput load comes from a lean publisher process writing pre-built MQTT packets
+flat out to a raw socket (``--publisher paho``: the same payloads through paho, which
+caps single-reading messages at ~12-20k/s on this machine, below what the subscribers
+take) or ``anomaly-detector simulate`` (``--publisher simulate``);
+the latency load from a paced publisher writing MQTT packets straight to its socket, so
+that the load generator takes little of the CPU the daemon is measured on.
 """
 
 from __future__ import annotations
@@ -65,6 +68,38 @@ span = (seen["last"] or 0) - (seen["first"] or 0)
 print(f"{seen['n']} {span}", flush=True)
 """
 
+# MQTT 3.1.1 written straight to a socket, for load generators that must cost little
+# CPU: the packets they send are a few bytes of framing around the payload.
+WIRE = r"""
+import json, socket, struct, sys, threading, time
+def packet(head, body):
+    n, var = len(body), bytearray()
+    while True:
+        n, digit = n >> 7, n & 127
+        var.append(digit | (128 if n else 0))
+        if not n:
+            return bytes([head]) + bytes(var) + body
+def string(b):
+    return struct.pack("!H", len(b)) + b
+def connect(port, client_id):
+    # CONNECT: clean session, no keepalive; then its CONNACK.
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(packet(0x10, string(b"MQTT") + bytes([4, 2]) + struct.pack("!H", 0) + string(client_id)))
+    assert sock.recv(4)[:2] == b"\x20\x02"
+    return sock
+def finish(sock):
+    # "bench/end" at QoS 1, and its PUBACK (id 65535, which the QoS 1 loads never use):
+    # the broker has taken everything sent before it.
+    sock.sendall(packet(0x32, string(b"bench/end") + struct.pack("!H", 65535) + b"1"))
+    sock.settimeout(60)
+    buf = b""
+    while not buf.endswith(b"\x40\x02\xff\xff"):
+        buf = buf[-3:] + sock.recv(65536)
+    sock.sendall(b"\xe0\x00")  # DISCONNECT
+    sock.close()
+"""
+
 # A lean publisher: every payload is built before the clock starts, then published flat
 # out; QoS 1 keeps up to 1000 messages in flight. Prints "<readings> <seconds>".
 PUBLISHER = r"""
@@ -101,39 +136,87 @@ c.disconnect()
 """
 
 
+# The same load as PUBLISHER from a raw socket (WIRE), so that the publisher, not the
+# subscriber, is never what limits the rate: packets are built before the clock starts and
+# written 64 KiB at a time; at QoS 1 at most 1000 wait for their PUBACK.
+RAW_PUBLISHER = WIRE + r"""
+port, streams, count, qos, batch, prefix = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                            int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+t0 = time.time() - count * 0.001
+packets, sent = [], 0
+for i in range(0, count, batch):
+    for s in range(streams):
+        items = [{"ts": t0 + j * 0.001, "values": {"temperature": 30.0 + 0.01 * (j % 7), "pressure": 2.9,
+                                           "vibration": 30.0, "flow": 0.58}}
+                 for j in range(i, min(i + batch, count))]
+        body = json.dumps(items[0] if batch == 1 else items).encode()
+        topic = string(f"{prefix}/s{s}".encode())
+        mid = struct.pack("!H", len(packets) % 65534 + 1) if qos else b""
+        packets.append(packet(0x32 if qos else 0x30, topic + mid + body))
+        sent += len(items)
+sock = connect(port, b"raw-publisher")
+acked = [0]
+done = threading.Event()
+def read_acks():  # every packet the broker sends this client is a 4-byte PUBACK
+    sock.settimeout(0.1)
+    got = 0
+    while not done.is_set():
+        try:
+            got += len(sock.recv(65536))
+        except socket.timeout:
+            continue
+        acked[0] = got // 4
+reader = threading.Thread(target=read_acks)
+if qos:
+    reader.start()
+start = time.perf_counter()
+step = 100 if qos else 1000
+for k in range(0, len(packets), step):
+    while qos and k - acked[0] > 1000:
+        time.sleep(0.0002)
+    sock.sendall(b"".join(packets[k:k + step]))
+while qos and acked[0] < len(packets):
+    time.sleep(0.001)
+done.set()
+if qos:
+    reader.join()
+sock.settimeout(None)
+finish(sock)
+print(sent, time.perf_counter() - start, flush=True)
+"""
+
+
 # The latency load: readings spread evenly in time (not bursts), stamped with the wall
 # clock as they are published; every `fault_every`-th stream gets pressure far off from
 # its 40th reading on, so alerts come back. Prints the number published.
-PACED = r"""
-import json, sys, time
-import numpy as np
-import paho.mqtt.client as mqtt
+# Lean, so that the load generator takes little of the two cores the daemon and broker
+# share with it: every payload but its stamp is built before the clock starts, and each
+# millisecond's due readings go out as MQTT 3.1.1 QoS 0 PUBLISH packets written to the
+# socket in one send (QoS 0 needs no client state, and the broker answers nothing).
+PACED = WIRE + r"""
 from detector import plant
 port, streams, count, rate, fault_every = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                            float(sys.argv[4]), int(sys.argv[5]))
 _, base = plant.normal(count + 200, seed=7)
-c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-c.max_queued_messages_set(0)
-c.connect("127.0.0.1", port)
-c.loop_start()
-start = time.perf_counter()
-n = 0
+todo = []  # (topic field, payload after the stamp), in publishing order
 for i in range(count):
     for s in range(streams):
         row = base[(i + 7 * s) % len(base)].copy()
         if fault_every and s % fault_every == 0 and 40 <= i < 60:
             row[1] += 3.0
-        due = start + n / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        body = {"ts": time.time(), "values": dict(zip(plant.FEATURES, row.tolist()))}
-        c.publish(f"sensors/plant/lat{s}", json.dumps(body), qos=0)  # fresh streams
-        n += 1
-c.publish("bench/end", b"1", qos=1).wait_for_publish(60)
+        values = json.dumps(dict(zip(plant.FEATURES, row.tolist())))
+        todo.append((string(f"sensors/plant/lat{s}".encode()), f', "values": {values}}}'.encode()))  # fresh streams
+sock = connect(port, b"paced")
+start = time.perf_counter()
+n = 0
+while n < len(todo):
+    due = min(len(todo), int((time.perf_counter() - start) * rate) + 1)
+    stamp = f'{{"ts": {time.time():.6f}'.encode()
+    sock.sendall(b"".join(packet(0x30, topic + stamp + rest) for topic, rest in todo[n:due]))
+    n = due
+    time.sleep(max(0.0, start + n / rate - time.perf_counter()))
+finish(sock)
 print(n, flush=True)
-c.loop_stop()
-c.disconnect()
 """
 
 
@@ -187,7 +270,7 @@ class Daemon:
         self.d = helpers.Daemon(
             tmp, broker_port, mqtt=f'qos = 1\nprotocol = "{protocol}"', score="",
             state="checkpoint_interval_s = 3600",
-            worker="queue_size = 1000000\n" + (f"max_batch = {max_batch}" if max_batch else ""),
+            worker="queue_size = 1000000\nqueue_bytes = 1073741824\n" + (f"max_batch = {max_batch}" if max_batch else ""),
             extra=f'[engine]\nmax_streams = {max_streams}\n[log]\nlevel = "warning"\n')
         self.metrics_port = self.d.metrics_port
         notify = tmp / "notify.sock"
@@ -219,11 +302,13 @@ class Daemon:
 
 
 def publish(port: int, streams: int, count: int, qos: int, batch: int, prefix: str = "sensors/plant",
-            lean: bool = True) -> tuple[int, float]:
-    """Flat-out load: the lean publisher, or the simulator with ``lean=False``."""
-    if not lean:
+            publisher: str = "raw") -> tuple[int, float]:
+    """Flat-out load from ``publisher``: "raw" (RAW_PUBLISHER), "paho" (PUBLISHER) or
+    "simulate" (the simulate command)."""
+    if publisher == "simulate":
         return simulate(port, streams, count, qos, batch, prefix=prefix)
-    out = subprocess.run([sys.executable, "-c", PUBLISHER, str(port), str(streams), str(count), str(qos),
+    script = RAW_PUBLISHER if publisher == "raw" else PUBLISHER
+    out = subprocess.run([sys.executable, "-c", script, str(port), str(streams), str(count), str(qos),
                           str(batch), prefix], capture_output=True, text=True, timeout=900, check=True)
     sent, seconds = out.stdout.split()
     return int(sent), float(seconds)
@@ -266,21 +351,21 @@ def lean_publish(port: int, n: int, prefix: str) -> None:
     c.disconnect()
 
 
-def bare_rate(port: int, streams: int, count: int, qos: int, batch: int, lean: bool = True) -> float:
+def bare_rate(port: int, streams: int, count: int, qos: int, batch: int, publisher: str = "raw") -> float:
     n = streams * count
     sub = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, str(port), str(n), str(qos)],
                            stdout=subprocess.PIPE, text=True)
     assert sub.stdout is not None
     sub.stdout.readline()
     time.sleep(0.5)
-    publish(port, streams, count, qos, batch, prefix="bench/bare", lean=lean)  # not under sensors/#
+    publish(port, streams, count, qos, batch, prefix="bench/bare", publisher=publisher)  # not under sensors/#
     got, span = sub.stdout.readline().split()
     sub.wait(30)
     return int(got) / max(float(span), 1e-9)
 
 
 def daemon_rate(d: Daemon, port: int, streams: int, count: int, qos: int, batch: int,
-                lean: bool = True) -> tuple[float, bool]:
+                publisher: str = "raw") -> tuple[float, bool]:
     """Readings scored per second between the first and the last reading of the run being
     scored (as the bare subscriber is timed: the publisher's start-up is not counted)."""
     import threading
@@ -289,7 +374,7 @@ def daemon_rate(d: Daemon, port: int, streams: int, count: int, qos: int, batch:
     before = scrape(d.metrics_port)
     start_n = before.get("anomaly_detector_readings_total", 0)
     result: list[int] = []
-    pub = threading.Thread(target=lambda: result.append(publish(port, streams, count, qos, batch, lean=lean)[0]))
+    pub = threading.Thread(target=lambda: result.append(publish(port, streams, count, qos, batch, publisher=publisher)[0]))
     pub.start()
     t_first = t_last = None
     last_n = start_n
@@ -373,10 +458,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="skip the 100k-stream memory point")
     ap.add_argument("--protocol", default="3.1.1", choices=["3.1.1", "5"], help="the daemon's MQTT protocol")
     ap.add_argument("--max-batch", type=int, default=None, help="[worker] max_batch (default: the daemon's)")
-    ap.add_argument("--publisher", default="lean", choices=["lean", "simulate"],
-                    help="throughput load: pre-built payloads flat out, or the simulate command")
+    ap.add_argument("--publisher", default="raw", choices=["raw", "paho", "simulate"],
+                    help="throughput load: pre-built packets flat out from a raw socket, the same "
+                         "payloads through paho, or the simulate command")
     args = ap.parse_args()
-    lean = args.publisher == "lean"
     broker = start_test_broker()
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}; "
           f"broker: {broker.kind}; everything on loopback, one process each; daemon MQTT {args.protocol}, "
@@ -397,8 +482,8 @@ def main() -> int:
                         # neighbour's burst on this shared machine skews neither side alone.
                         bares, runs = [], []
                         for _ in range(args.repeat):
-                            bares.append(bare_rate(broker.port, args.streams, count, qos, batch, lean))
-                            runs.append(daemon_rate(d, broker.port, args.streams, count, qos, batch, lean))
+                            bares.append(bare_rate(broker.port, args.streams, count, qos, batch, args.publisher))
+                            runs.append(daemon_rate(d, broker.port, args.streams, count, qos, batch, args.publisher))
                         bare = statistics.median(bares)
                         rate = statistics.median(r for r, _ in runs)
                         ok = all(z for _, z in runs)

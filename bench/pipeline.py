@@ -3,13 +3,14 @@
     OPENBLAS_NUM_THREADS=1 python bench/pipeline.py [--streams 1000] [--readings 100] [--repeat 6]
 
 Feeds pre-built MQTT messages (the e2e bench's payloads: four plant features, 1,000
-streams) to the daemon's own ``MqttLink._on_message`` (decode, queue) and then to its
-``Worker.process`` (rows, batched stateful step, scores, metrics) with the shipped plant
-model, and reports CPU microseconds per reading for each half, for single-reading messages
+streams) to the daemon's own ``MqttLink._on_message`` (topic to stream, queue) and then
+to its worker (``Worker._take``: decode; ``Worker.process``: rows, batched stateful step,
+scores, metrics) with the shipped plant model, and reports CPU microseconds per reading
+for each half, for single-reading messages
 and batches of 100. Every reading must be scored. The minimum over ``--repeat`` runs is
 reported: on a shared machine the minimum is the figure least disturbed by others.
-Both halves share paho's GIL in the daemon, so 1e6 / (sum) readings/s is the
-single-process ceiling that the end-to-end rate (bench/e2e.py) approaches.
+Both halves share the GIL in the daemon (the first on paho's thread, the second on the
+worker's), so 1e6 / (sum) readings/s is the single-process ceiling that the end-to-end rate (bench/e2e.py) approaches.
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ def messages(streams: int, per_stream: int, batch: int, t0: float) -> list[mqtt.
 
 
 def run(streams: int, per_stream: int, batch: int, repeat: int) -> tuple[float, float]:
-    """Min over ``repeat`` runs of (decode + queue, worker) CPU µs per reading."""
+    """Min over ``repeat`` runs of (receive + queue, worker) CPU µs per reading."""
     cfg = replace(config_mod.parse({"learn": {"enabled": False}}), models=(ModelRoute("sensors/plant/+", str(PLANT)),))
     worker: Worker | None = None
-    decode_us, worker_us = [], []
+    receive_us, worker_us = [], []
     t0 = time.time() - (repeat + 1) * per_stream * 0.001
     for k in range(repeat):
         metrics = create()
@@ -71,15 +72,15 @@ def run(streams: int, per_stream: int, batch: int, repeat: int) -> tuple[float, 
         for m in msgs:
             link._on_message(link.client, None, m)
         c1 = time.process_time()
-        while taken := intake.take(cfg.worker.max_batch, 0.0):
+        while taken := worker._take(0.0):
             worker.process(taken)
         c2 = time.process_time()
         scored = metrics.registry.get_sample_value("anomaly_detector_readings_total")
         if scored != n:
             raise SystemExit(f"scored {scored} of {n} readings")
-        decode_us.append(1e6 * (c1 - c0) / n)
+        receive_us.append(1e6 * (c1 - c0) / n)
         worker_us.append(1e6 * (c2 - c1) / n)
-    return min(decode_us), min(worker_us)
+    return min(receive_us), min(worker_us)
 
 
 def main() -> int:
@@ -91,7 +92,7 @@ def main() -> int:
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}; "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; {args.streams} streams, "
           f"min of {args.repeat} runs")
-    print(f"{'messages':12s} {'decode+queue µs':>16s} {'worker µs':>10s} {'total µs':>9s} {'readings/s':>11s}")
+    print(f"{'messages':12s} {'receive+queue µs':>16s} {'worker µs':>10s} {'total µs':>9s} {'readings/s':>11s}")
     for batch, per in ((1, max(1, args.readings // 5)), (100, args.readings)):
         d, w = run(args.streams, per, batch, args.repeat)
         label = "single" if batch == 1 else f"batch of {batch}"

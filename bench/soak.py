@@ -1,10 +1,10 @@
 """Soak: the long versions of tests/test_overload.py, with figures for bench/RESULTS.md.
 
-    python bench/soak.py [--only overload|flood|learn ...] [--seconds 60] [--queue-size 200 100000]
+    python bench/soak.py [--only overload|flood|learn ...] [--seconds 60] [--queue-bytes 65536 33554432]
                          [--topics 1000000] [--max-streams 100000]
 
 * overload: the daemon's sustainable rate (what it scores while offered more than it
-  can), then twice that for ``--seconds``, one run per ``--queue-size``. Load: JSON
+  can), then twice that for ``--seconds``, one run per ``--queue-bytes`` (``[worker] queue_bytes``; 65536 holds six messages). Load: JSON
   arrays of 100 readings of one stream (4 streams), QoS 1, paced. Reports the daemon's
   RSS before and its peak, published / scored / dropped(queue_full), that
   published = scored + dropped + rejected, and the time to drain to queue_depth 0.
@@ -111,8 +111,8 @@ def paced(d: Daemon, pub: Publisher, gen: Batches, seconds: float, rate: float) 
         n += 1
 
 
-def overload(port: int, tmp: Path, queue_size: int, seconds: float) -> dict[str, float]:
-    d = Daemon(tmp, port, worker=f"queue_size = {queue_size}", state="checkpoint_interval_s = 3600",
+def overload(port: int, tmp: Path, queue_bytes: int, seconds: float) -> dict[str, float]:
+    d = Daemon(tmp, port, worker=f"queue_bytes = {queue_bytes}", state="checkpoint_interval_s = 3600",
                extra='[log]\nlevel = "warning"\n')
     d.start()
     assert d.proc is not None
@@ -146,7 +146,7 @@ def overload(port: int, tmp: Path, queue_size: int, seconds: float) -> dict[str,
         text = metrics(d)
         scored = sample(text, "anomaly_detector_readings_total")
         dropped = sample(text, 'anomaly_detector_dropped_readings_total{reason="queue_full"}')
-        return {"queue_size": queue_size, "seconds": seconds, "sustainable": sustainable, "offered": offered,
+        return {"queue_bytes": queue_bytes, "seconds": seconds, "sustainable": sustainable, "offered": offered,
                 "scored_rate": scored_rate, "published": pub.sent, "scored": scored, "dropped": dropped,
                 "dropped_in_run": dropped - dropped0, "unaccounted": pub.sent - accounted(text),
                 "rss_before_mb": before / MB, "rss_peak_mb": top / MB, "rss_after_mb": rss_bytes(d.proc.pid) / MB,
@@ -203,7 +203,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", choices=("overload", "flood", "learn"),
                     default=["overload", "flood", "learn"])
     ap.add_argument("--seconds", type=float, default=60.0, help="overload duration (default 60)")
-    ap.add_argument("--queue-size", type=int, nargs="+", default=[200, 100_000])
+    ap.add_argument("--queue-bytes", type=int, nargs="+", default=[65536, 32 << 20])
     ap.add_argument("--topics", type=int, default=1_000_000)
     ap.add_argument("--max-streams", type=int, default=100_000)
     args = ap.parse_args()
@@ -213,7 +213,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.only:
-                runs = ([("overload", q) for q in args.queue_size] if name == "overload" else [(name, None)])
+                runs = ([("overload", q) for q in args.queue_bytes] if name == "overload" else [(name, None)])
                 for kind, q in runs:
                     work = Path(tempfile.mkdtemp(dir=tmp))
                     if kind == "overload":

@@ -223,6 +223,7 @@ class StateConfig:
 @dataclass(frozen=True)
 class WorkerConfig:
     queue_size: int = field(default=100_000, metadata=_positive())
+    queue_bytes: int = field(default=32 << 20, metadata=_positive())
     max_batch: int = field(default=65536, metadata=_positive())
     max_wait_ms: float = field(default=5.0, metadata=_check(lambda v: v >= 0, "must be >= 0"))
     overload: str = field(default="drop_oldest", metadata=_one_of("drop_oldest", "drop_newest"))
@@ -334,6 +335,9 @@ def parse(raw: dict[str, Any], path: str = "config", base_dir: Path = Path("."))
         raise InputError(f"{path}: [mqtt] reconnect_min_s", "must not be above [mqtt] reconnect_max_s")
     if cfg.mqtt.password_file and cfg.mqtt.password_env:
         raise InputError(f"{path}: [mqtt] password_file", "give password_file or password_env, not both")
+    if cfg.worker.queue_bytes < cfg.mqtt.max_payload_bytes:
+        raise InputError(f"{path}: [worker] queue_bytes", f"must be at least [mqtt] max_payload_bytes "
+                                                          f"({cfg.mqtt.max_payload_bytes}): one message must fit")
     if bool(cfg.mqtt.cert_file) != bool(cfg.mqtt.key_file):
         raise InputError(f"{path}: [mqtt] cert_file", "cert_file and key_file go together")
     if not cfg.mqtt.tls and (cfg.mqtt.ca_file or cfg.mqtt.cert_file or cfg.mqtt.key_file):

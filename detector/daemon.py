@@ -93,7 +93,7 @@ class Daemon:
             self.learner = Learner(cfg, state_dir / "models", cfg.learn.warmup_readings,
                                    max_concurrent=cfg.learn.max_concurrent, timeout_s=cfg.learn.timeout_s,
                                    retry_after_s=cfg.learn.retry_after_s, max_streams=cfg.engine.max_streams)
-        self.intake = Intake(cfg.worker.queue_size, cfg.worker.overload)
+        self.intake = Intake(cfg.worker.queue_size, cfg.worker.queue_bytes, cfg.worker.overload)
         self.link = MqttLink(cfg, host, port, self.intake, self.metrics, protocol)
         self.worker = Worker(cfg, self.intake, self.metrics, self.link.publish, self.learner)
         self.worker.install(cfg, bundles)
@@ -102,7 +102,7 @@ class Daemon:
         log.info("%d model route(s), %d learned model(s), %d stream state(s) restored",
                  len(cfg.models), learned, restored)
         # Computed at scrape time: a stuck worker cannot freeze these at a healthy value.
-        self.metrics.queue_depth.set_function(lambda: len(self.intake))
+        self.metrics.queue_depth.set_function(self.worker.waiting)
         self.metrics.healthy.set_function(lambda: float(self.health()[0]))
         if cfg.metrics.enabled:
             try:
@@ -189,7 +189,7 @@ class Daemon:
         def left() -> float:
             return max(deadline - time.monotonic(), 0.0)
 
-        log.info("stopping: draining %d queued reading(s)", len(self.intake))
+        log.info("stopping: draining about %d queued reading(s)", round(self.worker.waiting()))
         if self.cfg.mqtt.persistent_session:
             # No unsubscribe: the subscription in the broker's session is what keeps the
             # readings published while we are stopped, for the next start.

@@ -1,8 +1,8 @@
-"""The MQTT side: subscribe, decode on paho's network thread, enqueue; publish alerts.
+"""The MQTT side: subscribe, enqueue each message's payload; publish alerts.
 
-paho calls ``on_message`` on its network thread: this module only decodes the payload
-and puts readings on the bounded :class:`~detector.intake.Intake`; all model work
-happens in the worker. An exception escaping a paho callback would silently end the
+paho calls ``on_message`` on its network thread: this module only maps the topic to a
+stream and puts the raw payload on the bounded :class:`~detector.intake.Intake`;
+decoding and all model work happen in the worker. An exception escaping a paho callback would silently end the
 network thread, so every callback catches, counts and logs instead.
 """
 
@@ -25,31 +25,12 @@ from paho.mqtt.properties import Properties
 
 from detector.config import Config
 from detector.errors import InputError
-from detector.intake import Intake, Message
+from detector.intake import Intake, Raw
 from detector.metrics import Metrics
-from detector.payloads import decode
+from detector.payloads import item_count, oversize
+from detector.ratelog import RateLimitedLog
 
 log = logging.getLogger("detector.mqtt")
-
-
-class RateLimitedLog:
-    """At most one line per ``interval`` seconds per kind, with the count it stood for."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, kind: str, msg: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(kind, -1e18) < self._interval:
-                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-                return
-            self._last[kind] = now
-            more = self._suppressed.pop(kind, 0)
-        log.warning("%s%s", msg, f" (+{more} more since the last such line)" if more else "")
 
 
 def _password(cfg: Config) -> str | None:
@@ -191,8 +172,8 @@ class MqttLink:
         self._intake = intake
         self._metrics = metrics
         self._v5 = (protocol or m.protocol) == "5"
-        self._invalid_log = RateLimitedLog(cfg.log.invalid_interval_s)
-        self._connect_fail_log = RateLimitedLog(60.0)
+        self._invalid_log = RateLimitedLog(log, cfg.log.invalid_interval_s)
+        self._connect_fail_log = RateLimitedLog(log, 60.0)
         self.connected = threading.Event()
         self._refused = False
         self.subscribed = threading.Event()
@@ -213,7 +194,7 @@ class MqttLink:
         self._max_queued = cfg.alerts.max_queued
         self._unacked: set[int] = set()  # mids of alerts not yet acknowledged by the broker
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()  # from on_publish
-        self._drop_log = RateLimitedLog(60.0)
+        self._drop_log = RateLimitedLog(log, 60.0)
         self.client.max_queued_messages_set(self._max_queued + 16)
         # paho's default of 20 alerts in flight made a burst of alerts (one fault seen by a
         # hundred streams) wait for round trips behind the inflow: ~250 ms at 8k readings/s.
@@ -381,22 +362,25 @@ class MqttLink:
                 self._invalid_log.warning("bad_topic", f"topic {msg.topic!r} does not fit "
                                                        f"[mqtt] stream_id {self._cfg.mqtt.stream_id!r}")
                 return
-            readings, rejected = decode(stream, msg.payload, received, self._cfg.mqtt.max_payload_bytes)
-            for r in rejected:
-                self._metrics.invalid.labels(reason=r.reason).inc()
-                self._invalid_log.warning(r.reason, f"invalid reading on {msg.topic!r}: {r.reason}: {r.detail}")
-            if readings:
-                if self._intake.closed and msg.qos > 0 and self._cfg.mqtt.persistent_session:
-                    ack = False  # redelivered after the restart: neither lost nor counted twice
-                    return
-                dropped = self._intake.put(Message(readings, received))
-                if dropped:
-                    # After the intake closed (a stop in progress) nothing is queued any more:
-                    # that is not an overload.
-                    reason = "shutdown" if self._intake.closed else "queue_full"
-                    self._metrics.dropped.labels(reason=reason).inc(dropped)
-                    self._invalid_log.warning(reason, f"{'stopping' if reason == 'shutdown' else 'queue full'}: "
-                                                      f"dropped {dropped} reading(s)")
+            payload = msg.payload
+            too_large = oversize(payload, self._cfg.mqtt.max_payload_bytes)
+            if too_large is not None:  # judged here: it must not take the queue's room
+                self._metrics.invalid.labels(reason=too_large.reason).inc()
+                self._invalid_log.warning(too_large.reason, f"invalid reading on {msg.topic!r}: "
+                                                            f"{too_large.reason}: {too_large.detail}")
+                return
+            if self._intake.closed and msg.qos > 0 and self._cfg.mqtt.persistent_session:
+                ack = False  # redelivered after the restart: neither lost nor counted twice
+                return
+            dropped = self._intake.put(Raw(stream, msg.topic, payload, received))
+            if dropped:
+                # After the intake closed (a stop in progress) nothing is queued any more:
+                # that is not an overload.
+                reason = "shutdown" if self._intake.closed else "queue_full"
+                n = sum(item_count(m.payload) for m in dropped)
+                self._metrics.dropped.labels(reason=reason).inc(n)
+                self._invalid_log.warning(reason, f"{'stopping' if reason == 'shutdown' else 'queue full'}: "
+                                                  f"dropped {n} reading(s)")
         except Exception:
             self._metrics.invalid.labels(reason="internal_error").inc()
             log.exception("error handling a message on %r", getattr(msg, "topic", "?"))

@@ -1,6 +1,6 @@
 """Decode MQTT payloads into readings (CONTRACT.md, "MQTT in").
 
-`decode` runs on paho's network thread for every message, so it must be cheap and must
+`decode` runs on the worker thread for every message, so it must be cheap and must
 never raise: a bad payload becomes a `Rejected` whose reason is a Prometheus label value
 and whose detail is one line for a rate-limited log. Accepted forms:
 
@@ -80,10 +80,18 @@ def decode(stream: str, payload: bytes, received: float, max_bytes: int = 65536,
         return [], [_reject(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")]
 
 
+def oversize(payload: bytes, max_bytes: int) -> Rejected | None:
+    """The rejection of a payload over ``max_bytes``, judged before any decoding."""
+    if len(payload) > max_bytes:
+        return _reject(TOO_LARGE, f"{len(payload)} bytes, limit {max_bytes}")
+    return None
+
+
 def _decode(stream: str, payload: bytes, received: float, max_bytes: int,
             max_batch: int) -> tuple[list[Reading], list[Rejected]]:
-    if len(payload) > max_bytes:
-        return [], [_reject(TOO_LARGE, f"{len(payload)} bytes, limit {max_bytes}")]
+    too_large = oversize(payload, max_bytes)
+    if too_large is not None:
+        return [], [too_large]
     text = payload.strip()
     if not text:
         return [], [_reject(EMPTY, "empty payload")]
@@ -121,6 +129,20 @@ def _decode(stream: str, payload: bytes, received: float, max_bytes: int,
         return [_item(stream, doc, received)], []
     except _Invalid as bad:
         return [], [_reject(bad.reason, bad.detail)]
+
+
+def item_count(payload: bytes) -> int:
+    """How many readings ``payload`` holds, without judging them: the items of a JSON
+    array, else 1. For counting the readings of a message dropped before it was decoded
+    (overload, shutdown); never raises."""
+    body = payload.strip()
+    if body[:1] != b"[":
+        return 1
+    try:
+        doc = orjson.loads(body)
+    except (ValueError, RecursionError):
+        return 1  # not JSON: one invalid reading
+    return max(len(doc), 1) if isinstance(doc, list) else 1
 
 
 def _batch(stream: str, items: list[Any], received: float,

@@ -1,9 +1,9 @@
-"""The worker: queue → batched stateful step per model → alerts and metrics.
+"""The worker: queue → decode → batched stateful step per model → alerts and metrics.
 
-One thread owns every engine, so engines need no locks: readings are taken from the
-intake in micro-batches, routed to the engine of their stream's model (the first
-``[[models]]`` entry whose topic filter matches, else the stream's own learned model,
-else the learner), scored with one ``Engine.process`` call per model, and the episode
+One thread owns every engine, so engines need no locks: messages are taken from the
+intake in micro-batches and decoded here, and their readings routed to the engine of
+their stream's model (the first ``[[models]]`` entry whose topic filter matches, else
+the stream's own learned model, else the learner), scored with one ``Engine.process`` call per model, and the episode
 events are published. Reloads, learned-model swaps and checkpoints happen between
 batches, on this same thread.
 """
@@ -17,6 +17,7 @@ import operator
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -29,12 +30,15 @@ from detector import bundle, checkpoint
 from detector.alerts import alert_payload, alert_topic
 from detector.config import Config
 from detector.engine import Engine
-from detector.intake import Intake, Message
+from detector.intake import Intake, Message, Raw
 from detector.metrics import Metrics, observe_many
-from detector.payloads import Reading
+from detector.payloads import Reading, decode
+from detector.ratelog import RateLimitedLog
 from detector.refit import RefitPlan
 
 log = logging.getLogger("detector.worker")
+# Bad input is reported under the MQTT side's name, where it came from.
+input_log = logging.getLogger("detector.mqtt")
 
 Publish = Callable[[str, bytes], object]
 LEARN = "learn"
@@ -78,6 +82,10 @@ class Worker:
         self._learner_evicted = 0
         self._engine_paths: dict[int, Path] = {}
         self.heartbeat = time.monotonic()
+        self._invalid_log = RateLimitedLog(input_log, cfg.log.invalid_interval_s)
+        self._carry: deque[Message] = deque()  # decoded readings beyond the last step's max_batch
+        self._carried = 0
+        self._per_msg = 1.0  # readings per message, a running mean: how many messages a step takes
         self._stop = threading.Event()
         self._reload: Config | None = None
         self._next_checkpoint = time.monotonic() + cfg.state.checkpoint_interval_s
@@ -164,7 +172,7 @@ class Worker:
         wait = self.cfg.worker.max_wait_ms / 1000.0
         while True:
             self.heartbeat = time.monotonic()
-            msgs = self.intake.take(self.cfg.worker.max_batch, wait if not self._stop.is_set() else 0.0)
+            msgs = self._take(wait if not self._stop.is_set() else 0.0)
             if msgs:
                 try:
                     self.process(msgs)
@@ -192,6 +200,58 @@ class Worker:
         if time.monotonic() >= self._next_checkpoint:
             self.checkpoint()
             self._next_checkpoint = time.monotonic() + self.cfg.state.checkpoint_interval_s
+
+    # ---- decoding ----------------------------------------------------------------
+    def _take(self, wait: float) -> list[Message]:
+        """The next step's messages, decoded, holding at most ``[worker] max_batch``
+        readings: what the last step left over first, then as many messages from the
+        intake as the step has room for (the last one split if need be). Waits up to
+        ``wait`` seconds when there is nothing."""
+        limit = self.cfg.worker.max_batch
+        out: list[Message] = []
+        n = taken = 0
+        carry = self._carry
+        while carry and n < limit:
+            out.append(carry.popleft())
+            n += len(out[-1].readings)
+        while n < limit and taken < limit:  # taken: a flood of bad payloads still ends the step
+            raws = self.intake.take(max(1, int((limit - n) / self._per_msg)), 0.0 if out else wait)
+            if not raws:
+                break
+            taken += len(raws)
+            got = 0
+            for raw in raws:
+                msg = self._decode(raw)
+                if msg is not None:
+                    out.append(msg)
+                    got += len(msg.readings)
+            n += got
+            self._per_msg += 0.2 * (max(got / len(raws), 1.0) - self._per_msg)
+        extra = n - limit
+        while extra > 0:  # back to the carry, newest first, so that it keeps their order
+            last = out[-1]
+            k = len(last.readings)
+            if k <= extra:
+                carry.appendleft(out.pop())
+                extra -= k
+            else:
+                carry.appendleft(Message(last.readings[k - extra:], last.received))
+                del last.readings[k - extra:]
+                extra = 0
+        self._carried = sum(len(m.readings) for m in carry)
+        return out
+
+    def _decode(self, raw: Raw) -> Message | None:
+        readings, rejected = decode(raw.stream, raw.payload, raw.received, self.cfg.mqtt.max_payload_bytes)
+        for r in rejected:
+            self.metrics.invalid.labels(reason=r.reason).inc()
+            self._invalid_log.warning(r.reason, f"invalid reading on {raw.topic!r}: {r.reason}: {r.detail}")
+        return Message(readings, raw.received) if readings else None
+
+    def waiting(self) -> float:
+        """Readings waiting to be scored (``queue_depth``): the decoded ones left over from
+        the last step, and the intake's messages at the recent readings per message."""
+        return self._carried + len(self.intake) * self._per_msg
 
     # ---- scoring -----------------------------------------------------------------
     # Everything here runs once per reading at up to tens of thousands of readings a

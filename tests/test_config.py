@@ -212,6 +212,7 @@ def test_ints_are_accepted_for_float_keys() -> None:
     ({"a\u2028b\x00": {}}, ["unknown section"]),
     ({"score": {"threshold": 0.9, "clear_threshold": 0.95}}, ["[score] clear_threshold"]),
     ({"mqtt": {"reconnect_min_s": 10.0, "reconnect_max_s": 5.0}}, ["[mqtt] reconnect_min_s"]),
+    ({"worker": {"queue_bytes": 1000}}, ["[worker] queue_bytes", "max_payload_bytes (65536)"]),
     ({"mqtt": {"password_file": "p", "password_env": "P"}}, ["[mqtt] password_file"]),
     ({"mqtt": {"cert_file": "c.pem"}}, ["[mqtt] cert_file"]),
     ({"train": {"seq_len": 16, "burn_in": 16}}, ["[train] burn_in"]),

@@ -381,8 +381,8 @@ def count(metrics: Any, name: str, **labels: str) -> float:
 @given(messages=st.lists(st.tuples(topics, payloads), min_size=1, max_size=20),
        template=st.sampled_from(["{topic}", "{1}", "{0}/{2}", "x/{topic}/{3}"]),
        max_bytes=st.sampled_from([64, 65536]))
-def test_on_message_counts_every_reading_and_never_raises(messages: list[tuple[str, bytes]], template: str,
-                                                         max_bytes: int) -> None:
+def test_on_message_and_worker_count_every_reading_and_never_raise(messages: list[tuple[str, bytes]],
+                                                                   template: str, max_bytes: int) -> None:
     cfg = config_mod.parse({"mqtt": {"stream_id": template, "max_payload_bytes": max_bytes},
                             "log": {"invalid_interval_s": 3600.0}})
     intake = Intake(10_000)
@@ -402,10 +402,14 @@ def test_on_message_counts_every_reading_and_never_raises(messages: list[tuple[s
         readings, rejected = decode(stream, payload, RECEIVED, max_bytes)
         expected.update(r.reason for r in rejected)
         queued += len(readings)
+    # paho's thread queued the payloads; the worker decodes them
+    worker = Worker(cfg, intake, metrics, lambda t, p: None)
+    got: list[Message] = []
+    while taken := worker._take(0.0):
+        got += taken
     for reason in INVALID_REASONS:
         assert count(metrics, "invalid_readings_total", reason=reason) == expected[reason], reason
     assert count(metrics, "invalid_readings_total", reason="internal_error") == 0
-    got = intake.take(100_000, 0)
     assert sum(len(m.readings) for m in got) == queued and len(intake) == 0
     assert all(isinstance(m, Message) and all(math.isfinite(r.ts) for r in m.readings) for m in got)
 

@@ -1,7 +1,7 @@
 """Overload and resource bounds, against the real daemon and a real Mosquitto.
 
 * Twice the sustainable rate: memory stays bounded (the daemon's RSS against a bound
-  derived from ``[worker] queue_size``), every reading is accounted for (scored or
+  derived from ``[worker] queue_bytes``), every reading is accounted for (scored or
   dropped with reason ``queue_full``: published = scored + dropped), and the queue drains
   to 0 afterwards. The daemon is made slow relative to the publisher rather than the
   publisher fast: a small queue, and batches of one stream's readings, which the engine
@@ -29,12 +29,16 @@ from detector import plant
 from helpers import Daemon, PeakRss, publish_all, rss_bytes, sample, wait_for
 from mqtt_broker import start_test_broker
 
-QUEUE_SIZE = 200
-# A queued reading (its Reading and dict of four floats; a single-reading message adds its
-# Message and list) takes 380-490 bytes in CPython (tracemalloc); 2 KB leaves room for the
-# message it came in. Allocator noise, paho's buffers and numpy's batch temporaries are
-# what the fixed slack is for: the runs here grow by 0.3-3 MB, while an unbounded queue
-# would hold every reading this overload drops (~40,000 here, ~18 MB).
+# The smallest queue the config allows ([mqtt] max_payload_bytes): six of the publisher's
+# messages of a hundred readings, ~10.7 KB each.
+QUEUE_BYTES = 65536
+QUEUE_READINGS = 600
+# A queued reading is ~107 bytes of its message's payload; decoded for the step that
+# scores it (its Reading and dict of four floats) it takes 380-490 bytes in CPython
+# (tracemalloc); 2 KB leaves room for the message it came in. Allocator noise, paho's
+# buffers and numpy's batch temporaries are what the fixed slack is for: the runs here
+# grow by 0.3-3 MB, while an unbounded queue would hold every reading this overload
+# drops (~40,000 here, ~18 MB).
 ITEM_BYTES = 2048
 QUEUED_BYTES = 450
 SLACK_BYTES = 12 << 20
@@ -124,7 +128,7 @@ class Publisher:
 
 
 def test_twice_the_sustainable_rate_drops_by_reason_bounded_memory_and_recovers(tmp_path: Path, broker: Any) -> None:
-    d = Daemon(tmp_path, broker.port, worker=f"queue_size = {QUEUE_SIZE}\noverload = \"drop_oldest\"")
+    d = Daemon(tmp_path, broker.port, worker=f"queue_bytes = {QUEUE_BYTES}\noverload = \"drop_oldest\"")
     d.start()
     assert d.proc is not None
     pub = Publisher(broker.port, streams=4, per_message=100)
@@ -134,10 +138,10 @@ def test_twice_the_sustainable_rate_drops_by_reason_bounded_memory_and_recovers(
         times = []
         for _ in range(6):
             t0 = time.monotonic()
-            pub.burst(QUEUE_SIZE // pub.per_message)
+            pub.burst(QUEUE_READINGS // pub.per_message)
             wait_for(lambda: accounted(d.metrics()) >= pub.sent, "a burst scored", every=0.005)
             times.append(time.monotonic() - t0)
-        guess = QUEUE_SIZE / min(times[2:])
+        guess = QUEUE_READINGS / min(times[2:])
         baseline = rss_bytes(d.proc.pid)
         rss = PeakRss(d.proc.pid)
         # The sustainable rate: what the daemon scores while offered four times the guess
@@ -165,7 +169,7 @@ def test_twice_the_sustainable_rate_drops_by_reason_bounded_memory_and_recovers(
         assert invalid_total(text) == 0
         for reason in ("learning", "no_model", "internal_error"):
             assert sample(text, f'anomaly_detector_dropped_readings_total{{reason="{reason}"}}') == 0
-        assert peak <= baseline + QUEUE_SIZE * ITEM_BYTES + SLACK_BYTES
+        assert peak <= baseline + QUEUE_READINGS * ITEM_BYTES + SLACK_BYTES
         # Recovered: healthy, and new readings are scored again, none dropped.
         assert d.healthz() == 200
         more = Publisher(broker.port, streams=1, per_message=10, prefix="sensors/plant/after")

@@ -1,4 +1,5 @@
-"""The daemon's small parts: intake overload policy, alert topics, checkpoints, sd_notify."""
+"""The daemon's small parts: intake overload policy, the worker's decoding steps, alert
+topics, checkpoints, sd_notify."""
 
 from __future__ import annotations
 
@@ -10,61 +11,73 @@ import numpy as np
 import pytest
 
 from detector import checkpoint, sdnotify
+from detector import config as config_mod
 from detector.alerts import alert_payload, alert_topic
 from detector.engine import Event
-from detector.intake import Intake, Message
-from detector.payloads import Reading
+from detector.intake import Intake, Raw
+from detector.metrics import create
+from detector.payloads import item_count
+from detector.worker import Worker
 
 
-def message(n: int, start: int = 0, received: float = 0.0) -> Message:
-    """One MQTT message holding ``n`` readings stamped start, start + 1, ..."""
-    return Message([Reading("s", float(i), float(i), None) for i in range(start, start + n)], received)
+def raw(i: int, payload: bytes = b"1.5", received: float = 0.0) -> Raw:
+    return Raw(f"s{i}", f"s{i}", payload, received)
 
 
-def stamps(msgs: list[Message]) -> list[float]:
-    return [r.ts for m in msgs for r in m.readings]
+def names(msgs: list[Raw]) -> list[str]:
+    return [m.stream for m in msgs]
 
 
-def test_drop_oldest_keeps_the_freshest_and_counts() -> None:
-    q = Intake(5, "drop_oldest")
-    assert q.put(message(4)) == 0
-    assert q.put(message(3, start=4)) == 2  # the oldest message loses its first two readings
-    assert len(q) == 5
-    assert stamps(q.take(10, 0.0)) == [2.0, 3.0, 4.0, 5.0, 6.0]
-    assert q.put(message(8, start=10)) == 3  # larger than the queue: its newest five stay
-    assert stamps(q.take(10, 0.0)) == [13.0, 14.0, 15.0, 16.0, 17.0]
-    for start in (20, 21, 22):  # three single readings, then a batch that evicts two
-        q.put(message(1, start=start))
-    assert q.put(message(4, start=30)) == 2 and len(q) == 5
-    assert stamps(q.take(10, 0.0)) == [22.0, 30.0, 31.0, 32.0, 33.0]
+def test_drop_oldest_keeps_the_freshest_messages() -> None:
+    q = Intake(3, 1000, "drop_oldest")
+    assert all(q.put(raw(i)) == [] for i in range(3))
+    assert names(q.put(raw(3))) == ["s0"] and len(q) == 3
+    assert names(q.take(10, 0.0)) == ["s1", "s2", "s3"] and len(q) == 0 and q.nbytes == 0
+    # the byte bound: 10-byte payloads in 25 bytes, then one of 20 evicts two
+    q = Intake(100, 25, "drop_oldest")
+    assert q.put(raw(0, b"1" * 10)) == [] and q.put(raw(1, b"2" * 10)) == []
+    assert names(q.put(raw(2, b"3" * 20))) == ["s0", "s1"] and q.nbytes == 20
+    assert names(q.put(raw(3, b"4" * 26))) == ["s3"]  # larger than the whole queue: refused
+    assert names(q.take(1, 0.0)) == ["s2"]
 
 
-def test_drop_newest_keeps_the_oldest_and_counts() -> None:
-    q = Intake(5, "drop_newest")
-    assert q.put(message(4)) == 0
-    assert q.put(message(3, start=4)) == 2
-    assert stamps(q.take(3, 0.0)) == [0.0, 1.0, 2.0]
-    assert len(q) == 2
-
-
-def test_take_splits_a_message_and_keeps_its_receive_time() -> None:
-    q = Intake(100)
-    q.put(message(3, received=7.0))
-    q.put(message(4, start=3, received=8.0))
-    first = q.take(5, 0.0)
-    assert stamps(first) == [0.0, 1.0, 2.0, 3.0, 4.0] and [m.received for m in first] == [7.0, 8.0]
-    assert len(q) == 2
-    rest = q.take(5, 0.0)
-    assert stamps(rest) == [5.0, 6.0] and [m.received for m in rest] == [8.0]
-    assert len(q) == 0 and q.take(5, 0.0) == []
+def test_drop_newest_keeps_the_oldest_messages() -> None:
+    q = Intake(2, 1000, "drop_newest")
+    q.put(raw(0))
+    q.put(raw(1))
+    assert names(q.put(raw(2))) == ["s2"]
+    assert names(q.take(1, 0.0)) == ["s0"] and names(q.take(5, 0.0)) == ["s1"]
 
 
 def test_closed_intake_refuses_but_drains() -> None:
     q = Intake(10)
-    q.put(message(3))
+    q.put(raw(0))
     q.close()
-    assert q.put(message(2)) == 2
-    assert stamps(q.take(10, 1.0)) == [0.0, 1.0, 2.0] and q.take(10, 1.0) == []
+    assert names(q.put(raw(1))) == ["s1"]
+    assert names(q.take(10, 1.0)) == ["s0"] and q.take(10, 1.0) == []
+
+
+def test_item_count_counts_a_dropped_message_without_judging_it() -> None:
+    assert [item_count(p) for p in (b"1.5", b'{"value": 1}', b"[1, 2, {}]", b" [] ", b"[1, oops", b"[[1]]")] \
+        == [1, 1, 3, 1, 1, 1]
+
+
+def test_worker_decodes_steps_of_max_batch_readings_keeping_order_and_receive_times() -> None:
+    cfg = config_mod.parse({"worker": {"max_batch": 5}, "log": {"invalid_interval_s": 3600.0}})
+    q = Intake(100)
+    metrics = create()
+    worker = Worker(cfg, q, metrics, lambda t, p: None)
+    q.put(raw(0, b"[0, 1, 2]", received=7.0))
+    q.put(raw(0, b"not json", received=7.5))
+    q.put(raw(0, b"[3, 4, 5, 6]", received=8.0))
+    first = worker._take(0.0)
+    assert [r.value for m in first for r in m.readings] == [0, 1, 2, 3, 4]
+    assert [m.received for m in first] == [7.0, 8.0]
+    assert metrics.registry.get_sample_value("anomaly_detector_invalid_readings_total", {"reason": "bad_json"}) == 1
+    assert worker.waiting() == 2  # the rest of the split message
+    rest = worker._take(0.0)
+    assert [r.value for m in rest for r in m.readings] == [5, 6] and [m.received for m in rest] == [8.0]
+    assert worker._take(0.0) == [] and worker.waiting() == 0
 
 
 def test_alert_topic_cannot_escape_or_wildcard() -> None:
