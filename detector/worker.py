@@ -87,6 +87,7 @@ class Worker:
         self._carried = 0
         self._per_msg = 1.0  # readings per message, a running mean: how many messages a step takes
         self._stop = threading.Event()
+        self._writer: threading.Thread | None = None  # a checkpoint being written in the background
         self._reload: Config | None = None
         self._next_checkpoint = time.monotonic() + cfg.state.checkpoint_interval_s
         self.thread = threading.Thread(target=self._run, name="worker", daemon=True)
@@ -198,7 +199,7 @@ class Worker:
             self._collect_learned()
             self._start_refits()
         if time.monotonic() >= self._next_checkpoint:
-            self.checkpoint()
+            self.checkpoint(background=True)
             self._next_checkpoint = time.monotonic() + self.cfg.state.checkpoint_interval_s
 
     # ---- decoding ----------------------------------------------------------------
@@ -427,6 +428,7 @@ class Worker:
                 self.refits.start(res.stream, eng.n_features, time.time())
             if prev is not None:
                 if prev.bundle.path != eng.bundle.path:  # one bundle per stream on disk
+                    self.wait_checkpoint()  # a background write must not recreate the folder
                     shutil.rmtree(prev.bundle.path, ignore_errors=True)
                 self.metrics.refits.inc()
                 log.info("refitted the model of %s in %.0f s: %s", res.stream, res.seconds, res.bundle_path)
@@ -514,24 +516,46 @@ class Worker:
         items += [(e.bundle.path / "streams.npz", e) for e in self.models.learned.values()]
         return items
 
-    def checkpoint(self) -> bool:
+    def checkpoint(self, background: bool = False) -> bool:
         """Write every engine's state; True when all of it was written. A file that cannot
         be written (disk full, read-only or unwritable folder) keeps its previous version,
         counts in ``checkpoint_failures_total`` and makes one ERROR line per round; scoring
-        goes on and the next round tries again."""
-        items = self._checkpoint_items()
+        goes on and the next round tries again.
+
+        The states are copied here, between two steps, so they are consistent. With
+        ``background`` a helper thread writes them (``np.savez``, ``fsync`` per file: tens of
+        milliseconds for a few thousand streams, far more with many learned streams),
+        so that scoring does not stall; then True means the round was started, and a
+        round that finds the previous one still writing is skipped."""
+        if background and self._writer is not None and self._writer.is_alive():
+            return False
+        self.wait_checkpoint()
+        snaps = [(path, eng.snapshot()) for path, eng in self._checkpoint_items()]
+        index_ok = not self.models.learned or self._save_learned_index()
+        if background:
+            self._writer = threading.Thread(target=self._write_checkpoint, args=(snaps,), name="checkpoint",
+                                            daemon=True)
+            self._writer.start()
+            return index_ok
+        return self._write_checkpoint(snaps) and index_ok
+
+    def _write_checkpoint(self, snaps: list[tuple[Path, dict[str, np.ndarray]]]) -> bool:
         failed: list[tuple[Path, OSError]] = []
-        for path, eng in items:
+        for path, snap in snaps:
             try:
-                checkpoint.save(path, eng.snapshot())
+                checkpoint.save(path, snap)
             except OSError as err:
                 failed.append((path, err))
                 self.metrics.checkpoint_failures.inc()
         if failed:
             log.error("checkpoint failed for %d of %d file(s), keeping their previous versions "
-                      "(scoring goes on): %s: %s", len(failed), len(items), *failed[0])
-        index_ok = not self.models.learned or self._save_learned_index()
-        return not failed and index_ok
+                      "(scoring goes on): %s: %s", len(failed), len(snaps), *failed[0])
+        return not failed
+
+    def wait_checkpoint(self) -> None:
+        """Until a checkpoint being written in the background is done."""
+        if self._writer is not None:
+            self._writer.join()
 
     def restore(self) -> int:
         restored = 0
