@@ -70,15 +70,9 @@ print(f"{seen['n']} {span}", flush=True)
 
 # MQTT 3.1.1 written straight to a socket, for load generators that must cost little
 # CPU: the packets they send are a few bytes of framing around the payload.
-WIRE = r"""
-import json, socket, struct, sys, threading, time
-def packet(head, body):
-    n, var = len(body), bytearray()
-    while True:
-        n, digit = n >> 7, n & 127
-        var.append(digit | (128 if n else 0))
-        if not n:
-            return bytes([head]) + bytes(var) + body
+WIRE = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n" + r"""
+import json, socket, struct, threading, time
+from helpers import mqtt_packet as packet
 def string(b):
     return struct.pack("!H", len(b)) + b
 def connect(port, client_id):

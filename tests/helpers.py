@@ -35,6 +35,16 @@ seq_len = 32
 """
 
 
+def mqtt_packet(head: int, body: bytes) -> bytes:
+    """An MQTT control packet: its first byte, the remaining length, then ``body``."""
+    n, length = len(body), bytearray()
+    while True:
+        n, digit = n >> 7, n & 127
+        length.append(digit | (128 if n else 0))
+        if not n:
+            return bytes([head]) + bytes(length) + body
+
+
 def wait_for(pred: Callable[[], T], what: str, deadline: float = DEADLINE, every: float = 0.1) -> T:
     """Poll ``pred`` until it returns something truthy; fail naming ``what`` after
     ``deadline`` seconds (generous: no timing is asserted, only that it happens)."""

@@ -14,7 +14,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from detector.ingest import ReadAheadClient
-from helpers import publish_all, wait_for
+from helpers import mqtt_packet, publish_all, wait_for
 from mqtt_broker import start_test_broker
 
 
@@ -86,13 +86,7 @@ def test_every_message_arrives_intact_and_in_order(broker, protocol, qos) -> Non
 
 
 def _publish(topic: bytes, payload: bytes, head: int = 0x30, props: bytes = b"") -> bytes:
-    body = struct.pack("!H", len(topic)) + topic + props + payload
-    n, length = len(body), bytearray()
-    while True:
-        n, digit = n >> 7, n & 127
-        length.append(digit | (128 if n else 0))
-        if not n:
-            return bytes([head]) + bytes(length) + body
+    return mqtt_packet(head, struct.pack("!H", len(topic)) + topic + props + payload)
 
 
 @pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5])
