@@ -1,7 +1,7 @@
 """End to end through a real Mosquitto: throughput, latency, memory and start-up.
 
     python bench/e2e.py [--streams 1000] [--count 50] [--repeat 3] [--quick] [--protocol 3.1.1|5]
-                        [--max-batch N] [--publisher raw|paho|simulate]
+                        [--max-batch N] [--publisher raw|paho|simulate] [--latency-rates R ...]
 
 In one run, on this machine (all on loopback):
   * the bare paho subscriber's rate (decode JSON, count) for publishes flat out — the
@@ -9,9 +9,10 @@ In one run, on this machine (all on loopback):
     and batched messages, each point run --repeat times alternately and the medians
     compared; the daemon's run counts as sustained only with zero loss
     (``readings_total`` = published, nothing dropped or rejected);
-  * receive → scored latency (``processing_seconds``) p50/p99 at half the daemon's rate,
-    with readings evenly paced, and publish → alert for injected faults (the alert's ``ts``
-    is its reading's, stamped by the publisher as it published it);
+  * receive → scored latency (``processing_seconds``) p50/p99 at half the daemon's rate
+    and at ``--latency-rates``, with readings evenly paced, and publish → alert for
+    injected faults (the alert's ``ts`` is its reading's, stamped by the publisher as it
+    published it);
   * the daemon's RSS idle and holding state for 1k/10k/100k streams;
   * start-up: process start to ``READY=1`` over ``NOTIFY_SOCKET``.
 The throughput load comes from a lean publisher process writing pre-built MQTT packets
@@ -189,8 +190,8 @@ print(sent, time.perf_counter() - start, flush=True)
 # socket in one send (QoS 0 needs no client state, and the broker answers nothing).
 PACED = WIRE + r"""
 from detector import plant
-port, streams, count, rate, fault_every = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
-                                           float(sys.argv[4]), int(sys.argv[5]))
+port, streams, count, rate, fault_every, tag = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                                float(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
 _, base = plant.normal(count + 200, seed=7)
 todo = []  # (topic field, payload after the stamp), in publishing order
 for i in range(count):
@@ -199,7 +200,7 @@ for i in range(count):
         if fault_every and s % fault_every == 0 and 40 <= i < 60:
             row[1] += 3.0
         values = json.dumps(dict(zip(plant.FEATURES, row.tolist())))
-        todo.append((string(f"sensors/plant/lat{s}".encode()), f', "values": {values}}}'.encode()))  # fresh streams
+        todo.append((string(f"sensors/plant/{tag}{s}".encode()), f', "values": {values}}}'.encode()))
 sock = connect(port, b"paced")
 start = time.perf_counter()
 n = 0
@@ -400,7 +401,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def alert_latencies(port: int, streams: int, rate: float, count: int = 80) -> list[float]:
+def alert_latencies(port: int, streams: int, rate: float, count: int = 80, tag: str = "lat") -> list[float]:
     """Publish ``count`` readings per stream at ``rate`` readings/s, evenly paced, with a
     fault on every 10th stream; return publish -> alert seconds for every ``anomaly_start``
     (its ``ts`` is the flagged reading's, stamped when it was published)."""
@@ -425,7 +426,7 @@ def alert_latencies(port: int, streams: int, rate: float, count: int = 80) -> li
     sub.subscribe("anomalies/#", qos=1)
     sub.loop_start()
     time.sleep(0.5)
-    subprocess.run([sys.executable, "-c", PACED, str(port), str(streams), str(count), str(rate), "10"],
+    subprocess.run([sys.executable, "-c", PACED, str(port), str(streams), str(count), str(rate), "10", tag],
                    capture_output=True, text=True, cwd=ROOT, timeout=900, check=True)
     time.sleep(2.0)
     sub.loop_stop()
@@ -455,6 +456,8 @@ def main() -> int:
     ap.add_argument("--publisher", default="raw", choices=["raw", "paho", "simulate"],
                     help="throughput load: pre-built packets flat out from a raw socket, the same "
                          "payloads through paho, or the simulate command")
+    ap.add_argument("--latency-rates", type=float, nargs="*", default=[5000.0, 10000.0, 20000.0],
+                    help="readings/s at which latency is also measured, after half the single-reading rate")
     args = ap.parse_args()
     broker = start_test_broker()
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}; "
@@ -487,14 +490,19 @@ def main() -> int:
                               f"(runs: bare {', '.join(f'{b:.0f}' for b in bares)}; "
                               f"daemon {', '.join(f'{r:.0f}' for r, _ in runs)})", flush=True)
                 half = rates[(1, 0)] / 2
-                settle(d)
-                before = scrape(d.metrics_port)
-                lat = alert_latencies(broker.port, args.streams, half)
-                after = d.wait_scored(0)
-                print(f"\nlatency at {half:.0f} readings/s (half the QoS 0 single-reading rate, evenly paced), "
-                      f"receive -> scored: p50 {1000 * quantile(before, after, 0.5):.2f} ms, "
-                      f"p99 {1000 * quantile(before, after, 0.99):.2f} ms; publish -> alert ({len(lat)} alerts): "
-                      f"p50 {1000 * pct(lat, 50):.2f} ms, p99 {1000 * pct(lat, 99):.2f} ms")
+                print()
+                for k, rate in enumerate([half] + args.latency_rates):
+                    settle(d)
+                    before = scrape(d.metrics_port)
+                    # Fresh streams each time (sensors/plant/lat<k>-<i>): a stream whose
+                    # series started over would alert on the jump.
+                    lat = alert_latencies(broker.port, args.streams, rate, tag=f"lat{k}-")
+                    after = d.wait_scored(0)
+                    what = "half the QoS 0 single-reading rate" if rate == half else "a fixed rate"
+                    print(f"latency at {rate:.0f} readings/s ({what}, evenly paced), "
+                          f"receive -> scored: p50 {1000 * quantile(before, after, 0.5):.2f} ms, "
+                          f"p99 {1000 * quantile(before, after, 0.99):.2f} ms; publish -> alert ({len(lat)} "
+                          f"alerts): p50 {1000 * pct(lat, 50):.2f} ms, p99 {1000 * pct(lat, 99):.2f} ms", flush=True)
                 held = int(scrape(d.metrics_port).get("anomaly_detector_streams", 0))
                 print(f"RSS with {held} streams: {rss_mb(d.proc.pid):.0f} MB")
                 for n in (10_000,) + (() if args.quick else (100_000,)):

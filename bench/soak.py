@@ -4,8 +4,9 @@
                          [--topics 1000000] [--max-streams 100000]
 
 * overload: the daemon's sustainable rate (what it scores while offered more than it
-  can), then twice that for ``--seconds``, one run per ``--queue-bytes`` (``[worker] queue_bytes``; 65536 holds six messages). Load: JSON
-  arrays of 100 readings of one stream (4 streams), QoS 1, paced. Reports the daemon's
+  can), then twice that for ``--seconds``, one run per ``--queue-bytes`` (``[worker]
+  queue_bytes``; 65536 holds six messages). Load: JSON arrays of 100 readings of one
+  stream (4 streams), QoS 1, paced. Reports the daemon's
   RSS before and its peak, published / scored / dropped(queue_full), that
   published = scored + dropped + rejected, and the time to drain to queue_depth 0.
 * flood: ``--topics`` distinct topics under the routed prefix ``sensors/plant/``, one

@@ -2,8 +2,9 @@
 
 paho calls ``on_message`` on its network thread: this module only maps the topic to a
 stream and puts the raw payload on the bounded :class:`~detector.intake.Intake`;
-decoding and all model work happen in the worker. An exception escaping a paho callback would silently end the
-network thread, so every callback catches, counts and logs instead.
+decoding and all model work happen in the worker. An exception escaping a paho callback
+would silently end the network thread, so every callback catches, counts and logs
+instead.
 """
 
 from __future__ import annotations
