@@ -3,9 +3,10 @@
 One thread owns every engine, so engines need no locks: messages are taken from the
 intake in micro-batches and decoded here, and their readings routed to the engine of
 their stream's model (the first ``[[models]]`` entry whose topic filter matches, else
-the stream's own learned model, else the learner), scored with one ``Engine.process`` call per model, and the episode
-events are published. Reloads, learned-model swaps and checkpoints happen between
-batches, on this same thread.
+the stream's own learned model, else the learner), scored with one ``Engine.process``
+call per model, and the episode events are published. Reloads, learned-model swaps and
+checkpoints happen between batches, on this same thread (a periodic checkpoint's files
+are written by a helper thread).
 """
 
 from __future__ import annotations
