@@ -26,6 +26,7 @@ that the load generator takes little of the CPU the daemon is measured on.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import socket
@@ -69,9 +70,27 @@ span = (seen["last"] or 0) - (seen["first"] or 0)
 print(f"{seen['n']} {span}", flush=True)
 """
 
+
+def load_messages(streams: int, count: int, batch: int, prefix: str, t0: float) -> list[tuple[str, bytes, int]]:
+    """The throughput load as (topic, payload, readings): ``count`` readings per stream,
+    1 ms apart from ``t0``, in messages of ``batch`` readings (a JSON array; one reading
+    alone is a bare object), every stream's first message, then every stream's second..."""
+    msgs = []
+    for i in range(0, count, batch):
+        for s in range(streams):
+            items = [{"ts": t0 + j * 0.001, "values": {"temperature": 30.0 + 0.01 * (j % 7), "pressure": 2.9,
+                                                      "vibration": 30.0, "flow": 0.58}}
+                     for j in range(i, min(i + batch, count))]
+            msgs.append((f"{prefix}/s{s}", json.dumps(items[0] if batch == 1 else items).encode(), len(items)))
+    return msgs
+
+
+# The code strings below run in their own processes and import from here.
+IMPORTS = f"import sys; sys.path[:0] = {[str(ROOT), str(ROOT / 'tests'), str(ROOT / 'bench')]!r}\n"
+
 # MQTT 3.1.1 written straight to a socket, for load generators that must cost little
 # CPU: the packets they send are a few bytes of framing around the payload.
-WIRE = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n" + r"""
+WIRE = IMPORTS + r"""
 import json, socket, struct, threading, time
 from helpers import mqtt_packet as packet
 def string(b):
@@ -97,21 +116,14 @@ def finish(sock):
 
 # A lean publisher: every payload is built before the clock starts, then published flat
 # out; QoS 1 keeps up to 1000 messages in flight. Prints "<readings> <seconds>".
-PUBLISHER = r"""
-import json, sys, time
+PUBLISHER = IMPORTS + r"""
+import time
 import paho.mqtt.client as mqtt
+from e2e import load_messages
 port, streams, count, qos, batch, prefix = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                             int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
 # Readings 1 ms apart ending now: a later run's stamps always follow an earlier run's.
-t0 = time.time() - count * 0.001
-msgs = []
-for i in range(0, count, batch):
-    for s in range(streams):
-        items = [{"ts": t0 + j * 0.001, "values": {"temperature": 30.0 + 0.01 * (j % 7), "pressure": 2.9,
-                                           "vibration": 30.0, "flow": 0.58}}
-                 for j in range(i, min(i + batch, count))]
-        body = items[0] if batch == 1 else items
-        msgs.append((f"{prefix}/s{s}", json.dumps(body).encode(), len(items)))
+msgs = load_messages(streams, count, batch, prefix, time.time() - count * 0.001)
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
 c.max_inflight_messages_set(1000)
 c.max_queued_messages_set(0)
@@ -137,18 +149,12 @@ c.disconnect()
 RAW_PUBLISHER = WIRE + r"""
 port, streams, count, qos, batch, prefix = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                             int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
-t0 = time.time() - count * 0.001
+from e2e import load_messages
 packets, sent = [], 0
-for i in range(0, count, batch):
-    for s in range(streams):
-        items = [{"ts": t0 + j * 0.001, "values": {"temperature": 30.0 + 0.01 * (j % 7), "pressure": 2.9,
-                                           "vibration": 30.0, "flow": 0.58}}
-                 for j in range(i, min(i + batch, count))]
-        body = json.dumps(items[0] if batch == 1 else items).encode()
-        topic = string(f"{prefix}/s{s}".encode())
-        mid = struct.pack("!H", len(packets) % 65534 + 1) if qos else b""
-        packets.append(packet(0x32 if qos else 0x30, topic + mid + body))
-        sent += len(items)
+for topic, body, n in load_messages(streams, count, batch, prefix, time.time() - count * 0.001):
+    mid = struct.pack("!H", len(packets) % 65534 + 1) if qos else b""
+    packets.append(packet(0x32 if qos else 0x30, string(topic.encode()) + mid + body))
+    sent += n
 sock = connect(port, b"raw-publisher")
 acked = [0]
 done = threading.Event()

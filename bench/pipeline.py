@@ -2,8 +2,8 @@
 
     OPENBLAS_NUM_THREADS=1 python bench/pipeline.py [--streams 1000] [--readings 100] [--repeat 6]
 
-Feeds pre-built MQTT messages (the e2e bench's payloads: four plant features, 1,000
-streams) to the daemon's own ``MqttLink._on_message`` (topic to stream, queue) and then
+Feeds pre-built MQTT messages (``bench/e2e.py``'s ``load_messages``: four plant features,
+1,000 streams) to the daemon's own ``MqttLink._on_message`` (topic to stream, queue) and then
 to its worker (``Worker._take``: decode; ``Worker.process``: rows, batched stateful step,
 scores, metrics) with the shipped plant model, and reports CPU microseconds per reading
 for each half, for single-reading messages
@@ -18,7 +18,6 @@ are handed to ``on_message`` ready-made.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import paho.mqtt.client as mqtt  # noqa: E402
+from e2e import load_messages  # noqa: E402
 
 from detector import config as config_mod  # noqa: E402
 from detector.config import ModelRoute  # noqa: E402
@@ -43,14 +43,10 @@ PLANT = ROOT / "models" / "plant"
 
 def messages(streams: int, per_stream: int, batch: int, t0: float) -> list[mqtt.MQTTMessage]:
     out = []
-    for i in range(0, per_stream, batch):
-        for s in range(streams):
-            items = [{"ts": t0 + j * 0.001, "values": {"temperature": 30.0 + 0.01 * (j % 7), "pressure": 2.9,
-                                                      "vibration": 30.0, "flow": 0.58}}
-                     for j in range(i, min(i + batch, per_stream))]
-            m = mqtt.MQTTMessage(topic=f"sensors/plant/s{s}".encode())
-            m.payload = json.dumps(items[0] if batch == 1 else items).encode()
-            out.append(m)
+    for topic, payload, _ in load_messages(streams, per_stream, batch, "sensors/plant", t0):
+        m = mqtt.MQTTMessage(topic=topic.encode())
+        m.payload = payload
+        out.append(m)
     return out
 
 
