@@ -4,11 +4,11 @@
 
 Feeds pre-built MQTT messages (``bench/e2e.py``'s ``load_messages``: four plant features,
 1,000 streams) to the daemon's own ``MqttLink._on_message`` (topic to stream, queue) and then
-to its worker (``Worker._take``: decode; ``Worker.process``: rows, batched stateful step,
-scores, metrics) with the shipped plant model, and reports CPU microseconds per reading
-for each half, for single-reading messages
-and batches of 100. Every reading must be scored. The minimum over ``--repeat`` runs is
-reported: on a shared machine the minimum is the figure least disturbed by others.
+to its worker (``Worker.step``, as the daemon's worker thread runs it: decode, rows, batched
+stateful step, scores, metrics) with the shipped plant model, and reports CPU microseconds
+per reading for each half, for single-reading messages and batches of 100. Every reading
+must be scored. The minimum over ``--repeat`` runs is reported: on a shared machine the
+minimum is the figure least disturbed by others.
 Both halves share the GIL in the daemon (the first on paho's thread, the second on the
 worker's), so 1e6 / (sum) readings/s is the single-process ceiling that the end-to-end
 rate (bench/e2e.py) approaches. paho's own packet handling is not in it: the messages
@@ -70,8 +70,8 @@ def run(streams: int, per_stream: int, batch: int, repeat: int) -> tuple[float, 
         for m in msgs:
             link._on_message(link.client, None, m)
         c1 = time.process_time()
-        while taken := worker._take(0.0):
-            worker.process(taken)
+        while worker.step(0.0):
+            pass
         c2 = time.process_time()
         scored = metrics.registry.get_sample_value("anomaly_detector_readings_total")
         if scored != n:

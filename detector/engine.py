@@ -466,9 +466,10 @@ class Engine:
 def _codes(streams: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Each reading's stream as a small integer (its index in the distinct streams, in
     order of first appearance), and the distinct streams."""
-    ids: dict[str, int] = {}
-    codes = np.fromiter((ids.setdefault(s, len(ids)) for s in streams), dtype=np.int64, count=len(streams))
-    return codes, list(ids)
+    distinct = list(dict.fromkeys(streams))
+    index = {s: i for i, s in enumerate(distinct)}
+    # map over a dict's __getitem__ runs in C: a generator costs twice as much per reading.
+    return np.fromiter(map(index.__getitem__, streams), dtype=np.int64, count=len(streams)), distinct
 
 
 def _rounds(codes: np.ndarray, n_distinct: int) -> list[np.ndarray]:

@@ -23,8 +23,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from detector.payloads import Reading
-
 
 @dataclass(slots=True)
 class Raw:
@@ -34,15 +32,6 @@ class Raw:
     topic: str
     payload: bytes
     received: float  # time.time() when the message arrived
-
-
-@dataclass(slots=True)
-class Message:
-    """The readings of one decoded MQTT message, in payload order: one stream, one
-    receive time. Scored whole, so a batch of a hundred readings is one entry, not a hundred."""
-
-    readings: list[Reading]
-    received: float
 
 
 class Intake:

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import json
 import math
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain, repeat
 from typing import Any
 
 import orjson
@@ -56,6 +59,50 @@ class Reading:
     values: dict[str, float] | None   # multivariate form {"values": {...}}
 
 
+@dataclass(slots=True)
+class Message:
+    """The readings of one decoded MQTT message, in payload order, as columns: one
+    stream, one receive time. The worker scores a message whole and never needs a
+    `Reading` object per reading, so a batch of a hundred readings is a few lists, not
+    a hundred objects. Reading ``i`` has ``values[i]`` (the multivariate form) or
+    ``value[i]`` (a single number); a column is None when no reading has that form."""
+
+    stream: str
+    received: float                               # time.time() when the message arrived
+    ts: list[float]                               # epoch seconds
+    values: list[dict[str, float] | None] | None
+    value: list[float | None] | None
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    @classmethod
+    def of(cls, readings: Sequence[Reading], received: float) -> Message:
+        """The message holding ``readings`` (at least one, all of one stream)."""
+        values = [r.values for r in readings]
+        value = [r.value for r in readings]
+        return cls(readings[0].stream, received, [r.ts for r in readings],
+                   None if values.count(None) == len(values) else values,
+                   None if value.count(None) == len(value) else value)
+
+    def readings(self) -> list[Reading]:
+        n = len(self.ts)
+        values = self.values if self.values is not None else repeat(None, n)
+        value = self.value if self.value is not None else repeat(None, n)
+        return [Reading(self.stream, t, v, vs) for t, v, vs in zip(self.ts, value, values)]
+
+    def split(self, k: int) -> Message:
+        """Cut this message's readings from the ``k``-th on into a new message."""
+        def cut(column: list[Any] | None) -> list[Any] | None:
+            if column is None:
+                return None
+            tail = column[k:]
+            del column[k:]
+            return tail
+        return Message(self.stream, self.received, cut(self.ts), cut(self.values),  # type: ignore[arg-type]
+                       cut(self.value))
+
+
 @dataclass(frozen=True, slots=True)
 class Rejected:
     reason: str   # one of REASONS
@@ -74,10 +121,18 @@ class _Invalid(Exception):
 def decode(stream: str, payload: bytes, received: float, max_bytes: int = 65536,
            max_batch: int = 10000) -> tuple[list[Reading], list[Rejected]]:
     """Turn one MQTT payload into readings (in payload order) and rejections. Never raises."""
+    msg, rejected = decode_message(stream, payload, received, max_bytes, max_batch)
+    return (msg.readings() if msg is not None else []), rejected
+
+
+def decode_message(stream: str, payload: bytes, received: float, max_bytes: int = 65536,
+                   max_batch: int = 10000) -> tuple[Message | None, list[Rejected]]:
+    """:func:`decode` as the worker takes it: the valid readings as one `Message` (None if
+    there are none) and the rejections. Never raises."""
     try:
         return _decode(stream, payload, received, max_bytes, max_batch)
-    except Exception as exc:  # noqa: BLE001 - an exception here would kill paho's network loop
-        return [], [_reject(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")]
+    except Exception as exc:  # noqa: BLE001 - a bug here must cost one message, not the thread
+        return None, [_reject(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")]
 
 
 def oversize(payload: bytes, max_bytes: int) -> Rejected | None:
@@ -88,13 +143,13 @@ def oversize(payload: bytes, max_bytes: int) -> Rejected | None:
 
 
 def _decode(stream: str, payload: bytes, received: float, max_bytes: int,
-            max_batch: int) -> tuple[list[Reading], list[Rejected]]:
+            max_batch: int) -> tuple[Message | None, list[Rejected]]:
     too_large = oversize(payload, max_bytes)
     if too_large is not None:
-        return [], [too_large]
+        return None, [too_large]
     text = payload.strip()
     if not text:
-        return [], [_reject(EMPTY, "empty payload")]
+        return None, [_reject(EMPTY, "empty payload")]
     # Fast path for the commonest payload, a bare number. float() also takes Python-only
     # spellings: '1_000' is left to the JSON path (which rejects it), nan/inf are caught below.
     if text[:1] not in (b"{", b"[") and b"_" not in text:
@@ -104,8 +159,8 @@ def _decode(stream: str, payload: bytes, received: float, max_bytes: int,
             pass
         else:
             if math.isfinite(number):
-                return [Reading(stream, received, number, None)], []
-            return [], [_reject(BAD_VALUE, f"payload is {number!r}, not a finite number")]
+                return Message(stream, received, [received], None, [number]), []
+            return None, [_reject(BAD_VALUE, f"payload is {number!r}, not a finite number")]
     # Some publishers prepend a BOM, which JSON refuses.
     body = text[3:] if text.startswith(_BOM) else text
     try:
@@ -116,19 +171,22 @@ def _decode(stream: str, payload: bytes, received: float, max_bytes: int,
         try:
             source = body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return [], [_reject(NOT_UTF8, str(exc))]
+            return None, [_reject(NOT_UTF8, str(exc))]
         try:
             # parse_int=float: huge ints become inf (rejected as bad_value) instead of
             # hitting the int digit limit, and every JSON number arrives as a float.
             doc = _JSON.decode(source)
         except (ValueError, RecursionError) as exc:
-            return [], [_reject(BAD_JSON, f"{type(exc).__name__}: {exc}")]
+            return None, [_reject(BAD_JSON, f"{type(exc).__name__}: {exc}")]
     if isinstance(doc, list):
         return _batch(stream, doc, received, max_batch)
     try:
-        return [_item(stream, doc, received)], []
+        r = _item(stream, doc, received)
     except _Invalid as bad:
-        return [], [_reject(bad.reason, bad.detail)]
+        return None, [_reject(bad.reason, bad.detail)]
+    if r.values is not None:  # built here, not by Message.of: this runs for every single-reading message
+        return Message(stream, received, [r.ts], [r.values], None), []
+    return Message(stream, received, [r.ts], None, [r.value]), []
 
 
 def item_count(payload: bytes) -> int:
@@ -145,36 +203,57 @@ def item_count(payload: bytes) -> int:
     return max(len(doc), 1) if isinstance(doc, list) else 1
 
 
+_TS = operator.itemgetter("ts")
+_VALUES = operator.itemgetter("values")
+
+
 def _batch(stream: str, items: list[Any], received: float,
-           max_batch: int) -> tuple[list[Reading], list[Rejected]]:
+           max_batch: int) -> tuple[Message | None, list[Rejected]]:
     if not items:
-        return [], [_reject(BAD_SHAPE, "empty batch")]
+        return None, [_reject(BAD_SHAPE, "empty batch")]
     if len(items) > max_batch:
-        return [], [_reject(BAD_SHAPE, f"batch of {len(items)} items, limit {max_batch}")]
+        return None, [_reject(BAD_SHAPE, f"batch of {len(items)} items, limit {max_batch}")]
+    columns = _common_batch(items)
+    if columns is not None:
+        return Message(stream, received, columns[0], columns[1], None), []
     readings: list[Reading] = []
     rejected: list[Rejected] = []
-    append = readings.append
     for i, item in enumerate(items):
-        # The commonest item is judged inline, without a call (this runs for every reading
-        # of every batch): {"ts": <epoch seconds>, "values": {<name>: <finite float>, ...}}.
-        # Anything else takes the full path below, which gives the same answer.
-        if item.__class__ is dict and "value" not in item:
-            values, ts = item.get("values"), item.get("ts")
-            if values.__class__ is dict and values and ts.__class__ is float and -MS_THRESHOLD <= ts <= MS_THRESHOLD:
-                for x in values.values():
-                    if x.__class__ is not float or x - x != 0.0:  # x - x is NaN for NaN and ±inf
-                        break
-                else:
-                    append(Reading(stream, ts, None, values))
-                    continue
         try:
             if isinstance(item, list):
                 raise _Invalid(BAD_SHAPE, "nested array")
             # Without ts, receive time + 1 µs per position: distinct and in order, not duplicates.
-            append(_item(stream, item, received + i * 1e-6))
+            readings.append(_item(stream, item, received + i * 1e-6))
         except _Invalid as bad:
             rejected.append(_reject(bad.reason, f"item {i}: {bad.detail}"))
-    return readings, rejected
+    return (Message.of(readings, received) if readings else None), rejected
+
+
+def _common_batch(items: list[Any]) -> tuple[list[float], list[dict[str, float]]] | None:
+    """The columns (ts, values) of a batch whose every item is the commonest form,
+    ``{"ts": <epoch seconds>, "values": {<name>: <finite number>, ...}}``, else None (the
+    item-by-item path then gives the same answers). Judged a column at a time by map, set,
+    min, max and sum, which run in C: this runs for every reading of every batch, and the
+    item-by-item checks cost more than parsing the JSON."""
+    try:
+        ts = list(map(_TS, items))  # KeyError: no ts; TypeError: an item is not an object
+        values = list(map(_VALUES, items))
+    except (KeyError, TypeError):
+        return None
+    if any(map(dict.__contains__, items, repeat("value"))):  # "value" and "values": bad_shape
+        return None
+    # Epoch seconds: floats below the milliseconds threshold (JSON integers, strings and
+    # milliseconds take the full path). A sum that is not finite has a NaN or inf in it
+    # (the standard library's path admits them) or overflowed: the full path judges it.
+    if set(map(type, ts)) != {float} or not (-MS_THRESHOLD <= min(ts) and max(ts) <= MS_THRESHOLD) \
+            or not math.isfinite(sum(ts)):
+        return None
+    if set(map(type, values)) != {dict} or not all(values):
+        return None
+    numbers = list(chain.from_iterable(map(dict.values, values)))
+    if not set(map(type, numbers)) <= {float, int} or not math.isfinite(sum(numbers)):
+        return None  # bool is neither float nor int here: type() is exact
+    return ts, values
 
 
 def _item(stream: str, doc: Any, received: float) -> Reading:

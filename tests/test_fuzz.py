@@ -33,9 +33,9 @@ from detector.alerts import alert_topic
 from detector.config import Config, ModelRoute
 from detector.errors import InputError
 from detector.ingest import MqttLink
-from detector.intake import Intake, Message
+from detector.intake import Intake
 from detector.metrics import INVALID_REASONS, create
-from detector.payloads import REASONS, Reading, decode
+from detector.payloads import REASONS, Message, Reading, decode
 from detector.worker import Worker, load_models
 from helpers import PLANT_MODEL, Daemon, Listener, plant_messages, publish_all, sample, wait_for
 from mqtt_broker import start_test_broker
@@ -410,8 +410,8 @@ def test_on_message_and_worker_count_every_reading_and_never_raise(messages: lis
     for reason in INVALID_REASONS:
         assert count(metrics, "invalid_readings_total", reason=reason) == expected[reason], reason
     assert count(metrics, "invalid_readings_total", reason="internal_error") == 0
-    assert sum(len(m.readings) for m in got) == queued and len(intake) == 0
-    assert all(isinstance(m, Message) and all(math.isfinite(r.ts) for r in m.readings) for m in got)
+    assert sum(map(len, got)) == queued and len(intake) == 0
+    assert all(isinstance(m, Message) and all(math.isfinite(t) for t in m.ts) for m in got)
 
 
 # --- the scoring path: the real worker and engine with the shipped plant model ----------
@@ -448,7 +448,7 @@ def test_worker_rejects_by_policy_and_scores_the_rest(plan: list[tuple[int, str,
     last: dict[str, float] = {}
     clock: dict[str, float] = {}
     expected: Counter[str] = Counter()
-    msgs: list[Message] = []
+    runs: list[list[Reading]] = []
     example = next(_EXAMPLE)
     for k, kind, x in plan:
         stream = f"sensors/plant/fuzz-{example}-{k}"
@@ -486,11 +486,11 @@ def test_worker_rejects_by_policy_and_scores_the_rest(plan: list[tuple[int, str,
             expected["scored"] += 1
             last[stream] = t
         # Consecutive readings of one stream arrive as one message (a batch), the others alone.
-        if msgs and msgs[-1].readings[0].stream == stream:
-            msgs[-1].readings.append(Reading(stream, t, value, values))
+        if runs and runs[-1][0].stream == stream:
+            runs[-1].append(Reading(stream, t, value, values))
         else:
-            msgs.append(Message([Reading(stream, t, value, values)], now))
-    worker.process(msgs)
+            runs.append([Reading(stream, t, value, values)])
+    worker.process([Message.of(run, now) for run in runs])
     got = {r: count(metrics, "invalid_readings_total", reason=r) - before[r] for r in INVALID_REASONS}
     assert got == {r: float(expected[r]) for r in INVALID_REASONS}
     assert count(metrics, "readings_total") - scored_before == expected["scored"]

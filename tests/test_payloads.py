@@ -126,6 +126,47 @@ def test_batch_with_nan_item_keeps_others() -> None:
     assert [r.reason for r in rejected] == ["bad_value"]
 
 
+# Items one step off the commonest form, which a batch of them all judges column by column.
+_NEAR_COMMON = [
+    '{"ts": 1700000000.5, "values": {"a": 1.5, "b": -2.0}}',
+    '{"ts": 1700000000.5, "values": {"a": 1, "b": 2}}',           # integers
+    '{"ts": 1700000000500.0, "values": {"a": 1.5}}',              # milliseconds
+    '{"ts": 1700000000, "values": {"a": 1.5}}',                   # integer seconds
+    '{"ts": "2024-01-01T00:00:00Z", "values": {"a": 1.5}}',
+    '{"ts": null, "values": {"a": 1.5}}', '{"values": {"a": 1.5}}',
+    '{"ts": 1700000000.5, "values": {"a": true}}', '{"ts": 1700000000.5, "values": {"a": "1"}}',
+    '{"ts": 1700000000.5, "values": {"a": NaN}}', '{"ts": 1700000000.5, "values": {"a": 1e999}}',
+    '{"ts": 1e308, "values": {"a": 1.0}}', '{"ts": true, "values": {"a": 1.0}}',
+    '{"ts": 1700000000.5, "values": {"a": 1e308, "b": 1e308}}',  # finite, but their sum is not
+    '{"ts": 1700000000.5, "values": {}}', '{"ts": 1700000000.5, "values": [1.5]}',
+    '{"ts": 1700000000.5, "values": {"a": 1.5}, "value": 2.0}', '{"ts": 1700000000.5, "value": 2.0}',
+    '{"ts": 1700000000.5, "values": {"a": {"b": 1.0}}}', '[1.5]', '1.5', '"x"', 'null',
+]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_batch_judged_as_its_items_are_one_by_one(seed: int) -> None:
+    # A batch is judged whole when every item is the commonest form, else item by item:
+    # either way each item must get the answer it gets alone (without ts: receive time
+    # plus 1 µs per position).
+    rng = random.Random(seed)
+    common = _NEAR_COMMON[0]
+    items = [common] * rng.randint(1, 5) if seed % 2 else \
+        [rng.choice(_NEAR_COMMON) if rng.random() < 0.3 else common for _ in range(rng.randint(1, 8))]
+    readings, rejected = decode("s", f"[{', '.join(items)}]".encode(), RECEIVED)
+    want: list[Reading] = []
+    reasons: list[str] = []
+    for i, item in enumerate(items):
+        if item.startswith("["):
+            reasons.append("bad_shape")  # nested array: only a batch's item can be one
+            continue
+        alone, why = decode("s", item.encode(), RECEIVED + i * 1e-6)
+        want += alone
+        reasons += [r.reason for r in why]
+    assert readings == want and [r.reason for r in rejected] == reasons
+    assert all(type(v) in (int, float) for r in readings for v in (r.values or {}).values())
+
+
 def test_batch_at_max_batch() -> None:
     readings, rejected = decode("s", json.dumps(list(range(5))).encode(), RECEIVED, max_batch=5)
     assert [r.value for r in readings] == [0.0, 1.0, 2.0, 3.0, 4.0] and rejected == []

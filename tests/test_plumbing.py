@@ -71,12 +71,12 @@ def test_worker_decodes_steps_of_max_batch_readings_keeping_order_and_receive_ti
     q.put(raw(0, b"not json", received=7.5))
     q.put(raw(0, b"[3, 4, 5, 6]", received=8.0))
     first = worker._take(0.0)
-    assert [r.value for m in first for r in m.readings] == [0, 1, 2, 3, 4]
+    assert [r.value for m in first for r in m.readings()] == [0, 1, 2, 3, 4]
     assert [m.received for m in first] == [7.0, 8.0]
     assert metrics.registry.get_sample_value("anomaly_detector_invalid_readings_total", {"reason": "bad_json"}) == 1
     assert worker.waiting() == 2  # the rest of the split message
     rest = worker._take(0.0)
-    assert [r.value for m in rest for r in m.readings] == [5, 6] and [m.received for m in rest] == [8.0]
+    assert [r.value for m in rest for r in m.readings()] == [5, 6] and [m.received for m in rest] == [8.0]
     assert worker._take(0.0) == [] and worker.waiting() == 0
 
 
