@@ -180,6 +180,17 @@ def _decode(stream: str, payload: bytes, received: float, max_bytes: int,
             return None, [_reject(BAD_JSON, f"{type(exc).__name__}: {exc}")]
     if isinstance(doc, list):
         return _batch(stream, doc, received, max_batch)
+    if doc.__class__ is dict and "value" not in doc:
+        # The commonest message judged inline, without a Reading (this runs for every
+        # single-reading message): {"ts": <epoch seconds>, "values": {<name>: <finite
+        # float>, ...}}. Anything else takes the full path, which gives the same answer.
+        values, ts = doc.get("values"), doc.get("ts")
+        if values.__class__ is dict and values and ts.__class__ is float and -MS_THRESHOLD <= ts <= MS_THRESHOLD:
+            for x in values.values():
+                if x.__class__ is not float or x - x != 0.0:  # x - x is NaN for NaN and ±inf
+                    break
+            else:
+                return Message(stream, received, [ts], [values], None), []
     try:
         r = _item(stream, doc, received)
     except _Invalid as bad:

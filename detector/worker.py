@@ -235,7 +235,7 @@ class Worker:
         carry = self._carry
         while carry and n < limit:
             out.append(carry.popleft())
-            n += len(out[-1])
+            n += len(out[-1].ts)
         while n < limit and taken < limit:  # taken: a flood of bad payloads still ends the step
             raws = self.intake.take(max(1, int((limit - n) / self._per_msg)), 0.0 if out else wait)
             if not raws:
@@ -246,13 +246,13 @@ class Worker:
                 msg = self._decode(raw)
                 if msg is not None:
                     out.append(msg)
-                    got += len(msg)
+                    got += len(msg.ts)  # not len(msg): a Python-level __len__ per message
             n += got
             self._per_msg += 0.2 * (max(got / len(raws), 1.0) - self._per_msg)
         extra = n - limit
         while extra > 0:  # back to the carry, newest first, so that it keeps their order
             last = out[-1]
-            k = len(last)
+            k = len(last.ts)
             if k <= extra:
                 carry.appendleft(out.pop())
                 extra -= k
