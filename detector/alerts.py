@@ -7,6 +7,8 @@ import json
 import math
 import re
 
+import orjson
+
 from detector.config import MQTT_FORBIDDEN
 from detector.engine import Event
 
@@ -47,4 +49,9 @@ def alert_payload(event: Event, runtime: str) -> bytes:
     body["error"] = _finite(event.error)
     body["threshold"] = _finite(event.threshold)
     body["model"] = dict(event.model, runtime=runtime)
-    return json.dumps(body, separators=(",", ":")).encode()
+    try:
+        # orjson: 2 µs instead of 20 per alert, which counts when one plant-wide fault
+        # alerts on every stream in one step.
+        return orjson.dumps(body)
+    except TypeError:  # a stream id or feature name with a lone surrogate: escaped instead
+        return json.dumps(body, separators=(",", ":")).encode()

@@ -19,7 +19,7 @@ import operator
 import shutil
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
@@ -44,6 +44,8 @@ input_log = logging.getLogger("detector.mqtt")
 
 Publish = Callable[[str, bytes], object]
 LEARN = "learn"
+# Events of one step logged a line each; the rest of a step's events are summed up in one line.
+LOGGED_EVENTS = 20
 _STREAM, _RECEIVED, _TS, _VALUES, _VALUE = map(operator.attrgetter, ("stream", "received", "ts", "values", "value"))
 
 
@@ -407,12 +409,19 @@ class Worker:
         observe_many(m.processing, time.time() - got.received[scored])
         if self.refits is not None and self.refits.enabled and self.models.learned.get(streams[0]) is eng:
             self.refits.observe(streams[0], ts[scored], values[scored], res.in_episode[scored])
-        for ev in res.events:
+        for k, ev in enumerate(res.events):
             # None: refused, the outgoing queue is full (counted in dropped_alerts_total).
             if self.publish(alert_topic(self.cfg.alerts.topic_prefix, ev.stream),
                             alert_payload(ev, eng.rt.name)) is not None:
                 m.alerts.labels(event=ev.event).inc()
-            log.info("%s %s score %.4f (model %s)", ev.event, ev.stream, ev.score, ev.model["name"])
+            if k < LOGGED_EVENTS:
+                log.info("%s %s score %.4f (model %s)", ev.event, ev.stream, ev.score, ev.model["name"])
+        if len(res.events) > LOGGED_EVENTS:
+            # A fault every stream sees (a shared supply, a network outage) alerts on all of
+            # them in one step: one line for the rest, not a line each (30 µs apiece).
+            rest = Counter(ev.event for ev in res.events[LOGGED_EVENTS:])
+            log.info("and %s in the same batch (model %s; each one is on its alert topic)",
+                     ", ".join(f"{k} more {e}" for e, k in sorted(rest.items())), eng.model_ref["name"])
 
     # ---- learn-from-stream -------------------------------------------------------
     def _learn(self, r: Reading) -> None:

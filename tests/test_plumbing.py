@@ -4,7 +4,10 @@ topics, checkpoints, sd_notify."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +15,15 @@ import pytest
 
 from detector import checkpoint, sdnotify
 from detector import config as config_mod
+from detector import worker as worker_mod
 from detector.alerts import alert_payload, alert_topic
+from detector.config import ModelRoute
 from detector.engine import Event
 from detector.intake import Intake, Raw
 from detector.metrics import create
 from detector.payloads import item_count
-from detector.worker import Worker
+from detector.worker import Worker, load_models
+from helpers import PLANT_MODEL, plant_messages
 
 
 def raw(i: int, payload: bytes = b"1.5", received: float = 0.0) -> Raw:
@@ -86,6 +92,36 @@ def test_alert_topic_cannot_escape_or_wildcard() -> None:
     ev = Event("s", "anomaly_start", 1.0, 0.9999, float("inf"), 0.2, {"x": 1.0}, {"name": "m", "version": "v"})
     body = json.loads(alert_payload(ev, "auto"))
     assert body["error"] is None and body["model"] == {"name": "m", "version": "v", "runtime": "auto"}
+    odd = Event("s/\udcff/é", "anomaly_start", 1.0, 0.5, 1.5e-05, 0.2, {"é": 1.0}, {"name": "m", "version": "v"})
+    body = json.loads(alert_payload(odd, "auto"))  # a lone surrogate cannot be UTF-8: escaped instead
+    assert body["stream"] == "s/\udcff/é" and body["error"] == 1.5e-05 and body["features"] == {"é": 1.0}
+
+
+def test_a_fault_on_every_stream_alerts_on_each_and_logs_a_summary(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(worker_mod, "LOGGED_EVENTS", 3)
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}}),
+                  models=(ModelRoute("sensors/plant/+", str(PLANT_MODEL)),))
+    published: list[tuple[str, bytes]] = []
+    metrics = create()
+    q = Intake(1000)
+    worker = Worker(cfg, q, metrics, lambda t, p: published.append((t, p)) or True)  # None: refused
+    worker.install(cfg, load_models(cfg))
+    streams = [plant_messages(f"sensors/plant/p{k}", 200, seed=k, fault_at=150) for k in range(12)]
+    caplog.set_level(logging.INFO, logger="detector.worker")
+    for i in range(200):  # every stream's i-th reading in one step: the fault hits all at once
+        for msgs in streams:
+            q.put(Raw(msgs[i][0], msgs[i][0], msgs[i][1], time.time()))
+        worker.step(0.0)
+    starts = [json.loads(p)["stream"] for _, p in published if json.loads(p)["event"] == "anomaly_start"]
+    assert sorted(starts) == sorted(f"sensors/plant/p{k}" for k in range(12))
+    assert metrics.registry.get_sample_value("anomaly_detector_alerts_total", {"event": "anomaly_start"}) == 12
+    lines = [r.getMessage() for r in caplog.records if r.name == "detector.worker"]
+    assert sum(line.startswith("anomaly_start sensors/plant/p") for line in lines) < 12
+    summaries = [line for line in lines if line.startswith("and ")]
+    assert summaries and all("more anomaly_start" in line and "(model plant;" in line for line in summaries)
+    assert sum(int(line.split(" more anomaly_start")[0].rsplit(" ", 1)[1]) for line in summaries) \
+        + sum(line.startswith("anomaly_start ") for line in lines) == 12
 
 
 def test_checkpoint_round_trip_and_corrupt_file_moved_aside(tmp_path: Path) -> None:
