@@ -12,7 +12,7 @@ In one run, on this machine (all on loopback):
   * receive → scored latency (``processing_seconds``) p50/p99 at half the daemon's rate
     and at ``--latency-rates``, with readings evenly paced, and publish → alert for
     injected faults (the alert's ``ts`` is its reading's, stamped by the publisher as it
-    published it);
+    published it), and the daemon's CPU per reading at each of those rates;
   * the daemon's RSS idle and holding state for 1k/10k/100k streams;
   * start-up: process start to ``READY=1`` over ``NOTIFY_SOCKET``.
 The throughput load comes from a lean publisher process writing pre-built MQTT packets
@@ -255,6 +255,12 @@ def quantile(before: dict[str, float], after: dict[str, float], q: float) -> flo
     return prev_le
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -462,7 +468,7 @@ def main() -> int:
     ap.add_argument("--publisher", default="raw", choices=["raw", "paho", "simulate"],
                     help="throughput load: pre-built packets flat out from a raw socket, the same "
                          "payloads through paho, or the simulate command")
-    ap.add_argument("--latency-rates", type=float, nargs="*", default=[5000.0, 10000.0, 20000.0],
+    ap.add_argument("--latency-rates", type=float, nargs="*", default=[1000.0, 5000.0, 10000.0, 20000.0],
                     help="readings/s at which latency is also measured, after half the single-reading rate")
     args = ap.parse_args()
     broker = start_test_broker()
@@ -500,15 +506,21 @@ def main() -> int:
                 for k, rate in enumerate([half] + args.latency_rates):
                     settle(d)
                     before = scrape(d.metrics_port)
+                    cpu = cpu_s(d.proc.pid)
                     # Fresh streams each time (sensors/plant/lat<k>-<i>): a stream whose
                     # series started over would alert on the jump.
                     lat = alert_latencies(broker.port, args.streams, rate, tag=f"lat{k}-")
                     after = d.wait_scored(0)
+                    # The daemon's CPU over the whole point (the load generator's start-up
+                    # and the quiet seconds around the load included) per reading scored.
+                    cpu = (cpu_s(d.proc.pid) - cpu) / max(1.0, after["anomaly_detector_readings_total"]
+                                                          - before["anomaly_detector_readings_total"])
                     what = "half the QoS 0 single-reading rate" if rate == half else "a fixed rate"
                     print(f"latency at {rate:.0f} readings/s ({what}, evenly paced), "
                           f"receive -> scored: p50 {1000 * quantile(before, after, 0.5):.2f} ms, "
                           f"p99 {1000 * quantile(before, after, 0.99):.2f} ms; publish -> alert ({len(lat)} "
-                          f"alerts): p50 {1000 * pct(lat, 50):.2f} ms, p99 {1000 * pct(lat, 99):.2f} ms", flush=True)
+                          f"alerts): p50 {1000 * pct(lat, 50):.2f} ms, p99 {1000 * pct(lat, 99):.2f} ms; "
+                          f"daemon CPU {1e6 * cpu:.0f} µs per reading ({cpu * rate:.2f} cores)", flush=True)
                 held = int(scrape(d.metrics_port).get("anomaly_detector_streams", 0))
                 print(f"RSS with {held} streams: {rss_mb(d.proc.pid):.0f} MB")
                 for n in (10_000,) + (() if args.quick else (100_000,)):

@@ -136,7 +136,9 @@ class ReadAheadClient(mqtt.Client):
         self._rbuf = b""
         self._rpos = 0
         self._exact = False  # past MAX_PACKETS: read only what the current packet needs
+        self._got = 0  # bytes read from the socket in this loop_read
         self.on_qos0: Callable[[str, bytes], None] | None = None
+        self.linger = 0.0  # seconds to let the socket fill after a read that found little
 
     def _packet_read(self) -> mqtt.MQTTErrorCode:
         if self.on_qos0 is not None and self._in_packet["command"] == 0 and self._qos0_publishes():
@@ -182,6 +184,7 @@ class ReadAheadClient(mqtt.Client):
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
             data = super()._sock_recv(bufsize if self._exact else max(bufsize, self.READ_AHEAD))
+            self._got += len(data)
             if len(data) <= bufsize:
                 return data  # b"" (connection closed) included
             self._rbuf, self._rpos = data, 0
@@ -201,12 +204,17 @@ class ReadAheadClient(mqtt.Client):
         # Return only with the read-ahead buffer empty: paho's next select() cannot see
         # bytes we hold, and would sleep on them.
         self._exact = False
+        self._got = 0
         rc = super().loop_read(max_packets)
         done = 1
         while rc == mqtt.MQTT_ERR_SUCCESS and self._sock is not None and self._rpos < len(self._rbuf):
             rc = super().loop_read(1)
             done += 1
             self._exact = done >= self.MAX_PACKETS
+        if self.linger and rc == mqtt.MQTT_ERR_SUCCESS and 0 < self._got < self.READ_AHEAD:
+            # A wake-up costs this thread ~150 µs at low rates (select, paho's loop, a cold
+            # cache), more than the few messages it brings: let the next one bring more.
+            time.sleep(self.linger)
         return rc
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
@@ -257,6 +265,7 @@ class MqttLink:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.on_qos0 = self._on_qos0
+        self.client.linger = cfg.worker.linger_ms / 1000.0
         self.client.manual_ack_set(True)
 
     # ---- lifecycle ---------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -84,6 +85,26 @@ def test_worker_decodes_steps_of_max_batch_readings_keeping_order_and_receive_ti
     rest = worker._take(0.0)
     assert [r.value for m in rest for r in m.readings()] == [5, 6] and [m.received for m in rest] == [8.0]
     assert worker._take(0.0) == [] and worker.waiting() == 0
+
+
+def test_worker_lingers_for_more_messages_only_when_not_behind() -> None:
+    cfg = config_mod.parse({"worker": {"linger_ms": 500.0}})
+    q = Intake(100)
+    worker = Worker(cfg, q, create(), lambda t, p: None)
+
+    def later(payload: bytes) -> None:
+        time.sleep(0.05)
+        q.put(raw(0, payload, received=time.time()))
+
+    # a fresh message waits (up to 500 ms) for what comes meanwhile: one step for both
+    q.put(raw(0, b"1", received=time.time()))
+    threading.Thread(target=later, args=(b"2",)).start()
+    assert [r.value for m in worker._take(0.0) for r in m.readings()] == [1.0, 2.0]
+    # one that has waited that long already (a backlog) is scored at once
+    q.put(raw(0, b"3", received=time.time() - 1.0))
+    threading.Thread(target=later, args=(b"4",)).start()
+    assert [r.value for m in worker._take(0.0) for r in m.readings()] == [3.0]
+    assert [r.value for m in worker._take(1.0) for r in m.readings()] == [4.0]
 
 
 def test_alert_topic_cannot_escape_or_wildcard() -> None:
