@@ -247,7 +247,7 @@ class Worker:
             if linger:
                 # A step costs ~0.5 ms however few readings it holds: at a low rate, scoring
                 # each message as it comes kept the worker busy with one-reading steps
-                # (0.6 cores at 1,000 readings/s). Waiting until the first message is
+                # (~0.8 cores at 1,000 readings/s). Waiting until the first message is
                 # linger old lets a step take what came meanwhile; a message that waited
                 # that long already (a backlog) adds no wait.
                 delay = raws[0].received + linger - time.time()
@@ -433,7 +433,7 @@ class Worker:
             # them in one step: one line for the rest, not a line each (30 µs apiece).
             rest = Counter(ev.event for ev in res.events[LOGGED_EVENTS:])
             log.info("and %s in the same batch (model %s; each one is on its alert topic)",
-                     ", ".join(f"{k} more {e}" for e, k in sorted(rest.items())), eng.model_ref["name"])
+                     ", ".join(f"{count} more {e}" for e, count in sorted(rest.items())), eng.model_ref["name"])
 
     # ---- learn-from-stream -------------------------------------------------------
     def _learn(self, r: Reading) -> None:
