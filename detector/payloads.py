@@ -262,8 +262,11 @@ def _common_batch(items: list[Any]) -> tuple[list[float], list[dict[str, float]]
     if set(map(type, values)) != {dict} or not all(values):
         return None
     numbers = list(chain.from_iterable(map(dict.values, values)))
-    if not set(map(type, numbers)) <= {float, int} or not math.isfinite(sum(numbers)):
+    kinds = set(map(type, numbers))
+    if not kinds <= {float, int} or not math.isfinite(sum(numbers)):
         return None  # bool is neither float nor int here: type() is exact
+    if int in kinds:  # JSON integers become floats, as on the full path
+        values = [{name: float(x) for name, x in v.items()} for v in values]
     return ts, values
 
 

@@ -46,6 +46,8 @@ Publish = Callable[[str, bytes], object]
 LEARN = "learn"
 # Events of one step logged a line each; the rest of a step's events are summed up in one line.
 LOGGED_EVENTS = 20
+# Seconds between two full collections of the cyclic collector, at least (see step).
+FULL_GC_INTERVAL_S = 60.0
 _STREAM, _RECEIVED, _TS, _VALUES, _VALUE = map(operator.attrgetter, ("stream", "received", "ts", "values", "value"))
 
 
@@ -91,6 +93,7 @@ class Worker:
         self._carry: deque[Message] = deque()  # decoded readings beyond the last step's max_batch
         self._carried = 0
         self._linger = cfg.worker.linger_ms / 1000.0  # like the network thread's: set at start
+        self._next_full_gc = 0.0  # monotonic time from which a full collection may run
         self._per_msg = 1.0  # readings per message, a running mean: how many messages a step takes
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None  # a checkpoint being written in the background
@@ -207,7 +210,8 @@ class Worker:
         finally:
             if collecting:
                 gc.enable()
-                _collect_due()
+                if _collect_due(full=time.monotonic() >= self._next_full_gc) == 2:
+                    self._next_full_gc = time.monotonic() + FULL_GC_INTERVAL_S
         return msgs
 
     def _between_batches(self) -> None:
@@ -441,7 +445,7 @@ class Worker:
             features, values = ["value"], np.array([r.value])
         else:
             features = sorted(r.values)  # type: ignore[arg-type]
-            values = np.array([r.values[f] for f in features], dtype=np.float64)  # type: ignore[index]
+            values = np.array([r.values[f] for f in features])  # type: ignore[index]
         self.learner.add(r.stream, r.ts, values, features)  # type: ignore[union-attr]
 
     def _collect_learned(self) -> None:
@@ -621,13 +625,16 @@ class Worker:
         return restored
 
 
-def _collect_due() -> None:
-    """The young collection the cyclic collector's thresholds call for, if any, now: it
-    would otherwise wait for an allocation while the collector is enabled, which the step
-    loop may never make. Full collections are left to the collector's own rule, which also
-    skips them while few long-lived objects are new."""
+def _collect_due(full: bool) -> int | None:
+    """The collection the cyclic collector's thresholds call for, if any, now; returns
+    its generation. It would otherwise wait for an allocation while the collector is
+    enabled, which the step loop may never make, and a cycle that reached the oldest
+    generation would never be freed. A full collection only when ``full``: the caller
+    spaces them out, as the collector's own rule does by skipping them while few
+    long-lived objects are new (which Python does not expose)."""
     counts, thresholds = gc.get_count(), gc.get_threshold()
-    for generation in (1, 0):
+    for generation in ((2, 1, 0) if full else (1, 0)):
         if thresholds[generation] and counts[generation] > thresholds[generation]:
             gc.collect(generation)
-            return
+            return generation
+    return None

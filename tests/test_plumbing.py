@@ -3,11 +3,13 @@ topics, checkpoints, sd_notify."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
 import threading
 import time
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,6 +107,38 @@ def test_worker_lingers_for_more_messages_only_when_not_behind() -> None:
     threading.Thread(target=later, args=(b"4",)).start()
     assert [r.value for m in worker._take(0.0) for r in m.readings()] == [3.0]
     assert [r.value for m in worker._take(1.0) for r in m.readings()] == [4.0]
+
+
+def test_collections_paused_in_a_step_still_happen_and_free_old_cycles() -> None:
+    class Node:
+        pass
+
+    thresholds, enabled = gc.get_threshold(), gc.isenabled()
+    freed: list[bool] = []
+    gc.disable()  # as in a step: only _collect_due collects
+    try:
+        gc.collect()
+        node = Node()
+        node.self = node  # type: ignore[attr-defined]  # a cycle: only the collector frees it
+        weakref.finalize(node, freed.append, True)
+        gc.collect(1)  # survived twice: now in the oldest generation
+        del node
+        gc.set_threshold(1, 1, 1)
+        kept: list[list[int]] = []  # live objects: what raises the young generation's count
+        done = []
+        for _ in range(20):
+            kept += [[] for _ in range(3)]
+            done.append(worker_mod._collect_due(full=False))
+        assert {0, 1} <= set(done) and 2 not in done and not freed  # young ones do not reach it
+        for _ in range(20):
+            kept += [[] for _ in range(3)]
+            if worker_mod._collect_due(full=True) == 2:
+                break
+        assert freed == [True]
+    finally:
+        gc.set_threshold(*thresholds)
+        if enabled:
+            gc.enable()
 
 
 def test_alert_topic_cannot_escape_or_wildcard() -> None:
