@@ -11,11 +11,13 @@ in log-error, i.e. a Pareto tail in error: heavy enough not to cry wolf.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 TAIL_FRACTION = 0.05
+_SQRT_HALF = math.sqrt(0.5)
 N_QUANTILES = 201
 _EPS = 1e-12
 
@@ -85,11 +87,21 @@ class Calibration:
 LOG_ERROR_RANGE = (float(np.log(_EPS)), 30.0)
 
 
+# Up to this many values libm's erfc, called once per value, costs less than the
+# polynomial's ~30 numpy calls (4 against 24 µs for one stream's step); beyond it the
+# polynomial's vector operations win (58 against 223 µs for 2,048 values).
+_LIBM_MAX = 64
+_libm_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
 def norm_sf(x: np.ndarray) -> np.ndarray:
     """Gaussian upper tail Q(x) = P(N(0,1) > x), elementwise, with relative error below
-    1.2e-7 everywhere (Numerical Recipes' erfc), so tiny tail probabilities stay distinct."""
+    1.2e-7 everywhere (libm's erfc for small arrays, Numerical Recipes' for large ones), so
+    tiny tail probabilities stay distinct."""
     x = np.asarray(x, dtype=np.float64)
-    z = np.abs(x) / np.sqrt(2.0)
+    if x.size <= _LIBM_MAX:
+        return 0.5 * np.asarray(_libm_erfc(x * _SQRT_HALF), dtype=np.float64)
+    z = np.abs(x) * _SQRT_HALF
     t = 1.0 / (1.0 + 0.5 * z)
     poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
         -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
@@ -102,7 +114,7 @@ def log_error(errors: np.ndarray) -> np.ndarray:
     """Log of the (smoothed) error, finite: what the likelihood statistics are kept on."""
     s = np.log(np.asarray(errors, dtype=np.float64) + _EPS)
     s = np.where(np.isnan(s), LOG_ERROR_RANGE[1], s)
-    return np.clip(s, *LOG_ERROR_RANGE)
+    return np.minimum(np.maximum(s, LOG_ERROR_RANGE[0]), LOG_ERROR_RANGE[1])
 
 
 Z_TAIL = 1.6448536269514722  # the standard normal's 95th percentile: where the tail starts

@@ -87,6 +87,26 @@ class Scored:
 # Starting spread of the recent average of log-errors, as a fraction of single errors'.
 RECENT_SPREAD = 0.5
 
+# A stream's scalar state is one column of a float64 matrix, a row per quantity: a step
+# gathers and writes back all of it with one indexing call each instead of ~20 (at small
+# batches the number of numpy calls, not their size, is the cost), and its arithmetic runs
+# on contiguous rows of what it gathered. Counts and flags are held as floats (exact up to
+# 2**53); snapshots give them their own dtypes back. The two likelihood tests (the recent
+# average of log-errors, and the single log-error) sit side by side in (recent, log_error),
+# (lt_var, lt_var1) and (lt_excess, lt_excess1), so that one call judges and updates both.
+_SCALARS: tuple[tuple[str, type, float], ...] = (
+    ("smoothed", np.float64, 0.0), ("count", np.int64, 0), ("last_ts", np.float64, -np.inf),
+    ("last_seen", np.float64, -np.inf), ("in_episode", np.bool_, 0), ("flagged_run", np.int64, 0),
+    ("normal_run", np.int64, 0), ("episode_age", np.int64, 0), ("spike_at", np.int64, 0),
+    ("lt_mean", np.float64, 0.0), ("recent", np.float64, 0.0), ("log_error", np.float64, 0.0),
+    ("lt_var", np.float64, 1.0), ("lt_var1", np.float64, 1.0),
+    ("lt_excess", np.float64, 1.0), ("lt_excess1", np.float64, 1.0))
+(_SMOOTHED, _COUNT, _LAST_TS, _LAST_SEEN, _IN_EPISODE, _FLAGGED_RUN, _NORMAL_RUN, _EPISODE_AGE,
+ _SPIKE_AT, _LT_MEAN, _RECENT, _LOG_ERROR, _LT_VAR, _LT_VAR1, _LT_EXCESS, _LT_EXCESS1) = range(len(_SCALARS))
+_COLUMN = {name: k for k, (name, _, _) in enumerate(_SCALARS)}
+_DTYPE = {name: dtype for name, dtype, _ in _SCALARS}
+_SCALAR_FILL = np.array([fill for _, _, fill in _SCALARS], dtype=np.float64)
+
 
 class Engine:
     def __init__(self, b: Bundle, score: ScoreConfig = ScoreConfig(),
@@ -114,6 +134,7 @@ class Engine:
         self._lt0_var = (RECENT_SPREAD * lt0_std) ** 2
         self._lt0_excess = RECENT_SPREAD * b.calibration.tail_beta
         self._min_std = score.min_spread * RECENT_SPREAD * lt0_std
+        self._min_stds = np.array([[self._min_std], [self._min_std1]])  # (recent, single)
         self._alpha_recent = ewma_alpha(score.window)
         self._alpha_history = 1.0 / score.history
         self.model_ref = {"name": b.name, "version": b.version}
@@ -123,6 +144,11 @@ class Engine:
         self._init_c = b.weights["init_c"].reshape(-1).astype(np.float32)
         # The forecast for a new stream's first reading: the decoder on the warm-up state.
         self._init_pred = NumpyRuntime(b.weights).decode(self._init_h[None, :])[0]
+        self._reset_row = _SCALAR_FILL.copy()
+        for name, value in (("recent", self._lt0_mean), ("lt_mean", self._lt0_mean),
+                            ("lt_var", self._lt0_var), ("lt_excess", self._lt0_excess),
+                            ("lt_var1", self._lt0_var1), ("lt_excess1", self._lt0_excess1)):
+            self._reset_row[_COLUMN[name]] = value
         self.slot_of: dict[str, int] = {}
         self._stream_of: list[str | None] = []
         self._free: list[int] = []
@@ -133,35 +159,26 @@ class Engine:
     # ---- state slots -------------------------------------------------------------
     def _grow(self, cap: int) -> None:
         old = len(self._stream_of)
-        hid = self.rt.hidden
 
-        def extend(arr: np.ndarray | None, shape: tuple[int, ...], dtype: Any, fill: Any) -> np.ndarray:
-            new = np.full(shape, fill, dtype=dtype)
+        def extend(arr: np.ndarray | None, fill: np.ndarray) -> np.ndarray:
+            new = np.empty((cap, *fill.shape), dtype=fill.dtype)
+            new[:] = fill
             if arr is not None:
                 new[:old] = arr
             return new
 
         get = self.__dict__.get
-        self.h = extend(get("h"), (cap, hid), np.float32, 0.0)
-        self.c = extend(get("c"), (cap, hid), np.float32, 0.0)
-        self.pred = extend(get("pred"), (cap, self.n_features), np.float32, 0.0)
-        self.smoothed = extend(get("smoothed"), (cap,), np.float64, 0.0)
-        self.count = extend(get("count"), (cap,), np.int64, 0)
-        self.last_ts = extend(get("last_ts"), (cap,), np.float64, -np.inf)
-        self.last_seen = extend(get("last_seen"), (cap,), np.float64, -np.inf)
-        self.in_episode = extend(get("in_episode"), (cap,), bool, False)
-        self.flagged_run = extend(get("flagged_run"), (cap,), np.int64, 0)
-        self.normal_run = extend(get("normal_run"), (cap,), np.int64, 0)
-        self.episode_age = extend(get("episode_age"), (cap,), np.int64, 0)
-        self.recent = extend(get("recent"), (cap,), np.float64, 0.0)
-        self.lt_mean = extend(get("lt_mean"), (cap,), np.float64, 0.0)
-        self.lt_var = extend(get("lt_var"), (cap,), np.float64, 1.0)
-        self.lt_excess = extend(get("lt_excess"), (cap,), np.float64, 1.0)
-        self.lt_var1 = extend(get("lt_var1"), (cap,), np.float64, 1.0)
-        self.lt_excess1 = extend(get("lt_excess1"), (cap,), np.float64, 1.0)
-        self.spike_rate = extend(get("spike_rate"), (cap, self.n_features), np.float64, 0.0)
-        self.onset_shares = extend(get("onset_shares"), (cap, self.n_features), np.float64, 0.0)
-        self.spike_at = extend(get("spike_at"), (cap,), np.int64, 0)
+        hid, nf = self.rt.hidden, self.n_features
+        self.h = extend(get("h"), np.zeros(hid, dtype=np.float32))
+        self.c = extend(get("c"), np.zeros(hid, dtype=np.float32))
+        self.pred = extend(get("pred"), np.zeros(nf, dtype=np.float32))
+        self.spike_rate = extend(get("spike_rate"), np.zeros(nf))
+        self.onset_shares = extend(get("onset_shares"), np.zeros(nf))
+        state = np.empty((len(_SCALARS), cap))
+        state[:] = _SCALAR_FILL[:, None]
+        if old:
+            state[:, :old] = self.state
+        self.state = state
         self._stream_of.extend([None] * (cap - old))
         self._free.extend(range(cap - 1, old - 1, -1))
 
@@ -169,22 +186,9 @@ class Engine:
         self.h[slot] = self._init_h
         self.c[slot] = self._init_c
         self.pred[slot] = self._init_pred
-        self.smoothed[slot] = 0.0
-        self.count[slot] = 0
-        self.last_ts[slot] = -np.inf
-        self.in_episode[slot] = False
-        self.flagged_run[slot] = 0
-        self.normal_run[slot] = 0
-        self.episode_age[slot] = 0
-        self.recent[slot] = self._lt0_mean
-        self.lt_mean[slot] = self._lt0_mean
-        self.lt_var[slot] = self._lt0_var
-        self.lt_excess[slot] = self._lt0_excess
-        self.lt_var1[slot] = self._lt0_var1
-        self.lt_excess1[slot] = self._lt0_excess1
         self.spike_rate[slot] = 0.0
         self.onset_shares[slot] = 0.0
-        self.spike_at[slot] = 0
+        self.state[:, slot] = self._reset_row
 
     def _release(self, slots: np.ndarray, reason: str) -> None:
         for slot in slots.tolist():
@@ -193,7 +197,7 @@ class Engine:
                 continue
             del self.slot_of[sid]
             self._stream_of[slot] = None
-            self.last_seen[slot] = -np.inf
+            self.state[_LAST_SEEN, slot] = -np.inf
             self._free.append(slot)
         self.evicted[reason] += len(slots)
 
@@ -202,7 +206,7 @@ class Engine:
             if len(self.slot_of) >= self.ecfg.max_streams:
                 live = np.flatnonzero(np.array([s is not None for s in self._stream_of]))
                 k = max(1, self.ecfg.max_streams // 100)
-                oldest = live[np.argpartition(self.last_seen[live], min(k, len(live)) - 1)[:k]]
+                oldest = live[np.argpartition(self.state[_LAST_SEEN, live], min(k, len(live)) - 1)[:k]]
                 self._release(oldest, "max_streams")
             else:
                 self._grow(min(max(2 * len(self._stream_of), 64), self.ecfg.max_streams))
@@ -210,12 +214,12 @@ class Engine:
         self.slot_of[sid] = slot
         self._stream_of[slot] = sid
         self._reset_slot(slot)
-        self.last_seen[slot] = now
+        self.state[_LAST_SEEN, slot] = now
         return slot
 
     def evict_idle(self, now: float) -> int:
         """Evict streams not seen since ``now - idle_timeout_s``; returns how many."""
-        stale = np.flatnonzero(self.last_seen < now - self.ecfg.idle_timeout_s)
+        stale = np.flatnonzero(self.state[_LAST_SEEN] < now - self.ecfg.idle_timeout_s)
         stale = np.array([s for s in stale.tolist() if self._stream_of[s] is not None], dtype=np.int64)
         if len(stale):
             self._release(stale, "idle")
@@ -224,6 +228,14 @@ class Engine:
     @property
     def n_streams(self) -> int:
         return len(self.slot_of)
+
+    def column(self, name: str) -> np.ndarray:
+        """One per-stream scalar (``count``, ``in_episode``, ``lt_mean``, ...) for every
+        slot: a float64 view, writable."""
+        return self.state[_COLUMN[name]]
+
+    def _array(self, name: str) -> np.ndarray:
+        return self.column(name) if name in _COLUMN else getattr(self, name)
 
     # ---- checkpoints -------------------------------------------------------------
     _STATE_ARRAYS = ("h", "c", "pred", "smoothed", "count", "last_ts", "last_seen", "in_episode",
@@ -234,7 +246,9 @@ class Engine:
     def snapshot(self) -> dict[str, np.ndarray]:
         """Every live stream's state as plain arrays (for ``np.savez``: no pickle)."""
         live = np.array(sorted(self.slot_of.values()), dtype=np.int64)
-        snap = {name: getattr(self, name)[live] for name in self._STATE_ARRAYS}
+        snap = {name: self._array(name)[live] for name in self._STATE_ARRAYS}
+        for name in _DTYPE.keys() & snap.keys():
+            snap[name] = snap[name].astype(_DTYPE[name])
         snap["streams"] = np.array([self._stream_of[s] for s in live.tolist()], dtype=str)
         snap["model"] = np.array([self.bundle.name, self.bundle.version], dtype=str)
         return snap
@@ -254,9 +268,9 @@ class Engine:
                 slot = self._new_slot(sid, float(snap["last_seen"][k]))
             for name in self._STATE_ARRAYS:
                 if name in snap:  # snapshots from before a state array existed keep its reset value
-                    getattr(self, name)[slot] = snap[name][k]
+                    self._array(name)[slot] = snap[name][k]
             if not same_model:
-                self.count[slot] = 0
+                self.state[_COUNT, slot] = 0
         return min(len(streams), self.ecfg.max_streams)
 
     # ---- scoring -----------------------------------------------------------------
@@ -297,11 +311,11 @@ class Engine:
         """The slots of ``sids``, new streams given one."""
         get = self.slot_of.get
         slots = np.fromiter((get(s, -1) for s in sids), dtype=np.int64, count=len(sids))
-        new = np.flatnonzero(slots < 0)
+        new = (slots < 0).nonzero()[0]
         if len(new):
             # Mark the known streams as seen first, so that making room for the new ones
             # does not evict a stream that is in this very batch.
-            self.last_seen[slots[slots >= 0]] = now
+            self.state[_LAST_SEEN, slots[slots >= 0]] = now
             for j in new.tolist():
                 slots[j] = self._new_slot(sids[j], now)
         return slots
@@ -309,8 +323,9 @@ class Engine:
     def _step(self, idx: np.ndarray, slots: np.ndarray, streams: Sequence[str], ts_all: np.ndarray,
               vals_all: np.ndarray, now: float, out: Scored) -> None:
         ts, vals = ts_all[idx], vals_all[idx]
-        last = self.last_ts[slots]
-        allnan = np.isnan(vals).all(axis=1)
+        st = np.take(self.state, slots, axis=1)  # written back at the end, once
+        last = st[_LAST_TS]
+        allnan = np.logical_and.reduce(np.isnan(vals), axis=1)
         bad = (ts <= last) | (ts > now + self.ecfg.max_future_s) | allnan | ~np.isfinite(ts)
         if bad.any():
             for j in np.flatnonzero(bad).tolist():
@@ -326,7 +341,7 @@ class Engine:
                     reason = "future_timestamp"
                 out.rejected[int(idx[j])] = reason
             keep = ~bad
-            idx, slots, ts, vals = idx[keep], slots[keep], ts[keep], vals[keep]
+            idx, slots, ts, vals, st = idx[keep], slots[keep], ts[keep], vals[keep], st[:, keep]
             if len(idx) == 0:
                 return
         x = ((vals - self._mean) / self._scale).astype(np.float32)
@@ -340,27 +355,29 @@ class Engine:
             present = np.maximum(self.n_features - missing.sum(axis=1), 1)
         # Capped: an infinite reading is as anomalous as it gets, but must not turn the
         # smoothed error into inf - inf = NaN.
-        err = np.minimum(se.sum(axis=1, dtype=np.float64) / present, 1e300)
+        err = np.minimum(np.add.reduce(se, axis=1, dtype=np.float64) / present, 1e300)
         capped = np.minimum(se, 1e30)  # an infinite error still gets a share, not NaN
-        total = capped.sum(axis=1, keepdims=True)
+        total = np.add.reduce(capped, axis=1, keepdims=True)
         shares = np.divide(capped, total, out=np.full_like(se, 1.0 / self.n_features), where=total > 0)
 
-        count = self.count[slots]
-        prev = self.smoothed[slots]
+        count = st[_COUNT]
+        prev = st[_SMOOTHED]
         sm = np.where(count == 0, err, prev + self.alpha * (err - prev))
-        self.smoothed[slots] = sm
+        st[_SMOOTHED] = sm
         if self.cfg.method == "likelihood":
+            # Columns 0 and 1 of tests, var and excess: the recent average of log-errors and
+            # the single log-error, each under its own long-run statistics (one shared mean).
+            mean = st[_LT_MEAN]
+            tests = st[_RECENT: _LOG_ERROR + 1]
+            var, excess = st[_LT_VAR: _LT_VAR1 + 1], st[_LT_EXCESS: _LT_EXCESS1 + 1]
             s = log_error(sm)
-            mean, var, excess = self.lt_mean[slots], self.lt_var[slots], self.lt_excess[slots]
-            recent = self.recent[slots]
-            recent = recent + self._alpha_recent * (s - recent)
-            var1, excess1 = self.lt_var1[slots], self.lt_excess1[slots]
-            p_recent = 1.0 - likelihood(recent, mean, var, excess, self._min_std)
-            p_single = 1.0 - likelihood(s, mean, var1, excess1, self._min_std1)
-            score = 1.0 - np.minimum(2.0 * np.minimum(p_recent, p_single), 1.0)
+            tests[0] += self._alpha_recent * (s - tests[0])
+            tests[1] = s
+            p = 1.0 - likelihood(tests, mean, var, excess, self._min_stds)
+            score = 1.0 - np.minimum(2.0 * np.minimum(p[0], p[1]), 1.0)
         else:
             score = self.bundle.calibration.score(sm)
-        was = self.in_episode[slots]
+        was = st[_IN_EPISODE] > 0.0
         if self.cfg.spike_readings:
             # Habituation: outside an episode, errors in features that recently spiked
             # (short episodes, see below) must be 1 + their decaying count of spikes times
@@ -370,8 +387,8 @@ class Engine:
             # episodes do not count, so a drift or a fault never hides the next one.
             # The counts are stored as of reading spike_at and decayed here, so that only
             # the rare spike ends write them.
-            decay = (1.0 - self._alpha_history) ** np.maximum(count - self.spike_at[slots], 0)
-            repeat = 1.0 + (shares * self.spike_rate[slots]).sum(axis=1) * decay
+            decay = (1.0 - self._alpha_history) ** np.maximum(count - st[_SPIKE_AT], 0)
+            repeat = 1.0 + np.add.reduce(shares * self.spike_rate[slots], axis=1) * decay
             score = np.where(was, score, 1.0 - np.minimum((1.0 - score) * repeat, 1.0))
         warm = count >= self.cfg.settle_readings
         above = (score >= self.cfg.threshold) & warm
@@ -381,23 +398,21 @@ class Engine:
             # are (one at score 1 - TAIL_FRACTION / 10 counts a tenth), never less than
             # flagged_weight: an excursion barely moves the statistics it is judged by,
             # a lasting new level is learnt at flagged_weight's pace.
-            w = np.clip((1.0 - score) / TAIL_FRACTION, self.cfg.flagged_weight, 1.0)
+            w = np.minimum(np.maximum((1.0 - score) / TAIL_FRACTION, self.cfg.flagged_weight), 1.0)
             a = self._alpha_history * w
-            self.lt_mean[slots] = mean + a * (recent - mean)
-            self.lt_var[slots], self.lt_excess[slots] = follow(recent - mean, var, excess, a, self._min_std)
-            self.lt_var1[slots], self.lt_excess1[slots] = follow(s - mean, var1, excess1, a, self._min_std1)
-            self.recent[slots] = recent
+            new_mean = mean + a * (tests[0] - mean)
+            new_var, new_excess = follow(tests - mean, var, excess, a, self._min_stds)
         # A reading at the threshold is replaced by the forecast in what the state is fed, but only
         # for the first hold_readings of a run: past that the state follows the (clipped)
         # readings again, so a long episode cannot leave the forecasts free-running.
-        hold = above & (self.flagged_run[slots] < self.cfg.hold_readings)
+        hold = above & (st[_FLAGGED_RUN] < self.cfg.hold_readings)
         h, c, y_next = advance(self.rt, self.kind, d, y, h, c, hold=hold)
         self.h[slots] = h
         self.c[slots] = c
         self.pred[slots] = y_next
         normal = (score < self.cfg.clear_threshold) | ~warm
-        flagged_run = np.where(above, self.flagged_run[slots] + 1, 0)
-        normal_run = np.where(normal, self.normal_run[slots] + 1, 0)
+        flagged_run = np.where(above, st[_FLAGGED_RUN] + 1.0, 0.0)
+        normal_run = np.where(normal, st[_NORMAL_RUN] + 1.0, 0.0)
         starts = ~was & (flagged_run >= self.cfg.min_flagged)
         ends = was & (normal_run >= self.cfg.clear_readings)
         now_in = (was | starts) & ~ends
@@ -406,8 +421,8 @@ class Engine:
         # of normal readings inside it while that run is shorter than half the episode
         # before it: a collective anomaly stays flagged while its score wavers, and one
         # spike is not followed by clear_readings of flags.
-        age = np.where(now_in, np.where(was, self.episode_age[slots] + 1, 1), 0)
-        flag = now_in & (2 * normal_run < age - normal_run)
+        age = np.where(now_in, np.where(was, st[_EPISODE_AGE] + 1.0, 1.0), 0.0)
+        flag = now_in & (2.0 * normal_run < age - normal_run)
         if self.cfg.report == "onset":
             # Report news only: once an episode has started, the readings after it score at
             # most clear_threshold, so the score peaks once at the onset of each episode
@@ -421,47 +436,51 @@ class Engine:
             # long-run statistics.
             if starts.any():
                 self.onset_shares[slots[starts]] = shares[starts]
-            spike = ends & (self.episode_age[slots] + 1 - normal_run <= self.cfg.spike_readings)
+            spike = ends & (st[_EPISODE_AGE] + 1.0 - normal_run <= self.cfg.spike_readings)
             if spike.any():
                 at = slots[spike]
                 self.spike_rate[at] = self.spike_rate[at] * decay[spike, None] + self.onset_shares[at]
-                self.spike_at[at] = count[spike]
-        self.flagged_run[slots] = flagged_run
-        self.episode_age[slots] = age
-        self.normal_run[slots] = normal_run
-        self.in_episode[slots] = now_in
-        self.count[slots] = count + 1
-        self.last_ts[slots] = ts
-        self.last_seen[slots] = now
+                st[_SPIKE_AT, spike] = count[spike]
 
         out.error[idx] = err
         out.score[idx] = score
         out.flag[idx] = flag
         out.in_episode[idx] = now_in
         out.shares[idx] = shares
-        events = np.flatnonzero(starts | ends)
-        if len(events) == 0:
-            return
-        if self.cfg.method == "likelihood":
-            # The stream's own threshold: the error level (geometric mean of the recent
-            # errors) at which it is flagged, under the statistics it was judged by (the
-            # recent-average test at its Bonferroni share of the threshold, habituation
-            # included).
-            share = (1.0 - self.cfg.threshold) / 2.0
-            if self.cfg.spike_readings:
-                share = share / repeat[events]
-            thr = np.exp(likelihood_level(mean[events], var[events], excess[events], self._min_std,
-                                          1.0 - share))
-        else:
-            thr = np.full(len(events), self.threshold_error)
-        for k, j in enumerate(events.tolist()):
-            out.events.append(Event(
-                stream=streams[int(idx[j])], event="anomaly_start" if starts[j] else "anomaly_end",
-                ts=float(ts[j]), score=float(score[j]), error=float(err[j]),
-                threshold=float(thr[k]),
-                features={f: round(float(s), 4) for f, s in zip(self.features, shares[j])},
-                model=self.model_ref))
+        events = (starts | ends).nonzero()[0]
+        if len(events):
+            if self.cfg.method == "likelihood":
+                # The stream's own threshold: the error level (geometric mean of the recent
+                # errors) at which it is flagged, under the statistics it was judged by (the
+                # recent-average test at its Bonferroni share of the threshold, habituation
+                # included).
+                share = (1.0 - self.cfg.threshold) / 2.0
+                if self.cfg.spike_readings:
+                    share = share / repeat[events]
+                thr = np.exp(likelihood_level(mean[events], var[0, events], excess[0, events],
+                                              self._min_std, 1.0 - share))
+            else:
+                thr = np.full(len(events), self.threshold_error)
+            for k, j in enumerate(events.tolist()):
+                out.events.append(Event(
+                    stream=streams[int(idx[j])], event="anomaly_start" if starts[j] else "anomaly_end",
+                    ts=float(ts[j]), score=float(score[j]), error=float(err[j]),
+                    threshold=float(thr[k]),
+                    features={f: round(float(s), 4) for f, s in zip(self.features, shares[j])},
+                    model=self.model_ref))
 
+        if self.cfg.method == "likelihood":  # after the thresholds above, which use the old ones
+            st[_LT_MEAN] = new_mean
+            var[:] = new_var
+            excess[:] = new_excess
+        st[_FLAGGED_RUN] = flagged_run
+        st[_EPISODE_AGE] = age
+        st[_NORMAL_RUN] = normal_run
+        st[_IN_EPISODE] = now_in
+        st[_COUNT] += 1.0
+        st[_LAST_TS] = ts
+        st[_LAST_SEEN] = now
+        self.state[:, slots] = st
 
 def _codes(streams: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Each reading's stream as a small integer (its index in the distinct streams, in

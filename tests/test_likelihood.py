@@ -18,6 +18,10 @@ def test_norm_sf_matches_the_normal_distribution_and_keeps_tiny_tails() -> None:
     assert np.allclose(norm_sf(xs), ref, rtol=1e-6, atol=1e-9)
     tiny = norm_sf(np.array([8.0, 10.0, 12.0]))
     assert np.all(tiny > 0) and tiny[0] > tiny[1] > tiny[2]
+    # Small arrays take libm's erfc, large ones the polynomial: the same answers.
+    many = np.linspace(-6.0, 12.0, 1000)
+    small = np.concatenate([norm_sf(many[k: k + 10]) for k in range(0, len(many), 10)])
+    assert np.allclose(norm_sf(many), small, rtol=3e-7, atol=0.0)
 
 
 def test_likelihood_is_a_probability_and_its_level_inverts_it() -> None:

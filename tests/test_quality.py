@@ -92,9 +92,10 @@ def test_a_recurring_spike_needs_stronger_evidence_in_its_own_sensor_only(bundle
     eng = Engine(bundle, cfg)
     eng.process(["s"] * N, np.arange(float(N)), vals[:N], now=1e7)
     slot = eng.slot_of["s"]
-    assert not eng.in_episode[slot]  # the spike's episode is over
+    assert not eng.column("in_episode")[slot]  # the spike's episode is over
     # Each feature's count of recent spikes, decayed to now (stored as of the last spike).
-    rate = eng.spike_rate[slot] * (1.0 - 1.0 / cfg.history) ** (eng.count[slot] - eng.spike_at[slot])
+    since = eng.column("count")[slot] - eng.column("spike_at")[slot]
+    rate = eng.spike_rate[slot] * (1.0 - 1.0 / cfg.history) ** since
     assert rate[flow] > 0.5 and rate.sum() < 1.0
 
     # The same next reading, from the same state, with and without habituation: its
