@@ -39,6 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -310,7 +311,7 @@ class Engine:
     def _slots(self, sids: Sequence[str], now: float) -> np.ndarray:
         """The slots of ``sids``, new streams given one."""
         get = self.slot_of.get
-        slots = np.fromiter((get(s, -1) for s in sids), dtype=np.int64, count=len(sids))
+        slots = np.fromiter(map(get, sids, repeat(-1)), dtype=np.int64, count=len(sids))  # C, not a generator
         new = (slots < 0).nonzero()[0]
         if len(new):
             # Mark the known streams as seen first, so that making room for the new ones
@@ -388,8 +389,8 @@ class Engine:
             # The counts are stored as of reading spike_at and decayed here, so that only
             # the rare spike ends write them.
             decay = (1.0 - self._alpha_history) ** np.maximum(count - st[_SPIKE_AT], 0)
-            repeat = 1.0 + np.add.reduce(shares * self.spike_rate[slots], axis=1) * decay
-            score = np.where(was, score, 1.0 - np.minimum((1.0 - score) * repeat, 1.0))
+            recurrence = 1.0 + np.add.reduce(shares * self.spike_rate[slots], axis=1) * decay
+            score = np.where(was, score, 1.0 - np.minimum((1.0 - score) * recurrence, 1.0))
         warm = count >= self.cfg.settle_readings
         above = (score >= self.cfg.threshold) & warm
         if self.cfg.method == "likelihood":
@@ -456,7 +457,7 @@ class Engine:
                 # included).
                 share = (1.0 - self.cfg.threshold) / 2.0
                 if self.cfg.spike_readings:
-                    share = share / repeat[events]
+                    share = share / recurrence[events]
                 thr = np.exp(likelihood_level(mean[events], var[0, events], excess[0, events],
                                               self._min_std, 1.0 - share))
             else:
