@@ -366,7 +366,7 @@ class Engine:
         sm = np.where(count == 0, err, prev + self.alpha * (err - prev))
         st[_SMOOTHED] = sm
         if self.cfg.method == "likelihood":
-            # Columns 0 and 1 of tests, var and excess: the recent average of log-errors and
+            # Rows 0 and 1 of tests, var and excess: the recent average of log-errors and
             # the single log-error, each under its own long-run statistics (one shared mean).
             mean = st[_LT_MEAN]
             tests = st[_RECENT: _LOG_ERROR + 1]
