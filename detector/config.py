@@ -78,6 +78,9 @@ class ScoreConfig:
     report: str = field(default="onset", metadata=_check(
         lambda v: v in ("onset", "every"), 'must be "onset" or "every"'))
     spike_readings: int = field(default=10, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    day_test: bool = True
+    day_offset_hours: float = field(default=0.0, metadata=_check(lambda v: -24.0 < v < 24.0,
+                                                                  "must be between -24 and 24"))
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ import numpy as np
 from detector.bundle import Bundle
 from detector.config import EngineConfig, ScoreConfig
 from detector.calibration import TAIL_FRACTION, follow, likelihood, likelihood_level, log_error
+from detector.daytest import close_day, combined, day_index, weekday
 from detector.runtime import NumpyRuntime, Runtime
 from detector.scoring import advance, ewma_alpha, observe
 
@@ -101,9 +102,9 @@ _SCALARS: tuple[tuple[str, type, float], ...] = (
     ("normal_run", np.int64, 0), ("episode_age", np.int64, 0), ("spike_at", np.int64, 0),
     ("lt_mean", np.float64, 0.0), ("recent", np.float64, 0.0), ("log_error", np.float64, 0.0),
     ("lt_var", np.float64, 1.0), ("lt_var1", np.float64, 1.0),
-    ("lt_excess", np.float64, 1.0), ("lt_excess1", np.float64, 1.0))
+    ("lt_excess", np.float64, 1.0), ("lt_excess1", np.float64, 1.0), ("day", np.float64, np.nan))
 (_SMOOTHED, _COUNT, _LAST_TS, _LAST_SEEN, _IN_EPISODE, _FLAGGED_RUN, _NORMAL_RUN, _EPISODE_AGE,
- _SPIKE_AT, _LT_MEAN, _RECENT, _LOG_ERROR, _LT_VAR, _LT_VAR1, _LT_EXCESS, _LT_EXCESS1) = range(len(_SCALARS))
+ _SPIKE_AT, _LT_MEAN, _RECENT, _LOG_ERROR, _LT_VAR, _LT_VAR1, _LT_EXCESS, _LT_EXCESS1, _DAY) = range(len(_SCALARS))
 _COLUMN = {name: k for k, (name, _, _) in enumerate(_SCALARS)}
 _DTYPE = {name: dtype for name, dtype, _ in _SCALARS}
 _SCALAR_FILL = np.array([fill for _, _, fill in _SCALARS], dtype=np.float64)
@@ -136,6 +137,7 @@ class Engine:
         self._lt0_excess = RECENT_SPREAD * b.calibration.tail_beta
         self._min_std = score.min_spread * RECENT_SPREAD * lt0_std
         self._min_stds = np.array([[self._min_std], [self._min_std1]])  # (recent, single)
+        self._day_test = score.day_test and score.method == "likelihood"
         self._alpha_recent = ewma_alpha(score.window)
         self._alpha_history = 1.0 / score.history
         self.model_ref = {"name": b.name, "version": b.version}
@@ -175,6 +177,14 @@ class Engine:
         self.pred = extend(get("pred"), np.zeros(nf, dtype=np.float32))
         self.spike_rate = extend(get("spike_rate"), np.zeros(nf))
         self.onset_shares = extend(get("onset_shares"), np.zeros(nf))
+        # The per-day test (detector.daytest): the day's running sum and count, the 7
+        # weekday means, the spread and the days judged, per feature; float32 except the sum:
+        # that keeps a stream within issue 6's 1 KB (7 digits are plenty for a day's mean).
+        self.day_sum = extend(get("day_sum"), np.zeros(nf))
+        self.day_count = extend(get("day_count"), np.zeros(nf, dtype=np.float32))
+        self.weekday_mean = extend(get("weekday_mean"), np.full((7, nf), np.nan, dtype=np.float32))
+        self.day_spread2 = extend(get("day_spread2"), np.zeros(nf, dtype=np.float32))
+        self.day_judged = extend(get("day_judged"), np.zeros(nf, dtype=np.float32))
         state = np.empty((len(_SCALARS), cap))
         state[:] = _SCALAR_FILL[:, None]
         if old:
@@ -189,6 +199,8 @@ class Engine:
         self.pred[slot] = self._init_pred
         self.spike_rate[slot] = 0.0
         self.onset_shares[slot] = 0.0
+        self.day_sum[slot] = self.day_count[slot] = self.day_spread2[slot] = self.day_judged[slot] = 0.0
+        self.weekday_mean[slot] = np.nan
         self.state[:, slot] = self._reset_row
 
     def _release(self, slots: np.ndarray, reason: str) -> None:
@@ -242,7 +254,8 @@ class Engine:
     _STATE_ARRAYS = ("h", "c", "pred", "smoothed", "count", "last_ts", "last_seen", "in_episode",
                      "flagged_run", "normal_run", "episode_age", "recent", "lt_mean", "lt_var",
                      "lt_excess", "lt_var1", "lt_excess1", "spike_rate",
-                     "onset_shares", "spike_at")
+                     "onset_shares", "spike_at", "day", "day_sum", "day_count", "weekday_mean",
+                     "day_spread2", "day_judged")
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """Every live stream's state as plain arrays (for ``np.savez``: no pickle)."""
@@ -321,6 +334,34 @@ class Engine:
                 slots[j] = self._new_slot(sids[j], now)
         return slots
 
+    def _days(self, slots: np.ndarray, ts: np.ndarray, vals: np.ndarray,
+              st: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The per-day test for one round: each reading's day probability (inf where no
+        day of its stream ended just before it) and, if any day ended, each reading's
+        feature shares of that day's evidence; then the readings join their days."""
+        day = day_index(ts, self.cfg.day_offset_hours)
+        prev = st[_DAY]
+        new = day != prev  # also a stream's first day (NaN)
+        p_day = np.full(len(slots), np.inf)
+        shares = None
+        ended = (new & ~np.isnan(prev)).nonzero()[0]
+        if len(ended):  # once a day per stream: a loop is fine
+            shares = np.full((len(slots), self.n_features), 1.0 / self.n_features)
+            for j in ended.tolist():
+                s = slots[j]
+                p = close_day(self.day_sum[s], self.day_count[s], self.weekday_mean[s, weekday(prev[j])],
+                              self.day_spread2[s], self.day_judged[s])
+                p_day[j], shares[j] = combined(p)
+        if new.any():
+            fresh = slots[new]
+            self.day_sum[fresh] = 0.0
+            self.day_count[fresh] = 0.0
+        present = ~np.isnan(vals)
+        self.day_sum[slots] += np.where(present, vals, 0.0)
+        self.day_count[slots] += present
+        st[_DAY] = day
+        return p_day, shares
+
     def _step(self, idx: np.ndarray, slots: np.ndarray, streams: Sequence[str], ts_all: np.ndarray,
               vals_all: np.ndarray, now: float, out: Scored) -> None:
         ts, vals = ts_all[idx], vals_all[idx]
@@ -375,7 +416,17 @@ class Engine:
             tests[0] += self._alpha_recent * (s - tests[0])
             tests[1] = s
             p = 1.0 - likelihood(tests, mean, var, excess, self._min_stds)
-            score = 1.0 - np.minimum(2.0 * np.minimum(p[0], p[1]), 1.0)
+            p_min = np.minimum(p[0], p[1])
+            if self._day_test:
+                # The reading that ends its stream's day also carries the per-day test:
+                # Bonferroni over three tests there, over two elsewhere.
+                p_day, day_shares = self._days(slots, ts, vals, st)
+                k = np.where(np.isfinite(p_day), 3.0, 2.0)
+                score = 1.0 - np.minimum(k * np.minimum(p_min, p_day), 1.0)
+                if day_shares is not None:  # the alert names the features whose day departed
+                    shares = np.where((p_day < p_min)[:, None], day_shares, shares)
+            else:
+                score = 1.0 - np.minimum(2.0 * p_min, 1.0)
         else:
             score = self.bundle.calibration.score(sm)
         was = st[_IN_EPISODE] > 0.0
