@@ -334,7 +334,7 @@ class Engine:
                 slots[j] = self._new_slot(sids[j], now)
         return slots
 
-    def _days(self, slots: np.ndarray, ts: np.ndarray, vals: np.ndarray,
+    def _days(self, slots: np.ndarray, ts: np.ndarray, vals: np.ndarray, missing: np.ndarray,
               st: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The per-day test for one round: each reading's day probability (inf where no
         day of its stream ended just before it) and, if any day ended, each reading's
@@ -356,9 +356,8 @@ class Engine:
             fresh = slots[new]
             self.day_sum[fresh] = 0.0
             self.day_count[fresh] = 0.0
-        present = ~np.isnan(vals)
-        self.day_sum[slots] += np.where(present, vals, 0.0)
-        self.day_count[slots] += present
+        self.day_sum[slots] += np.where(missing, 0.0, vals)
+        self.day_count[slots] += ~missing
         st[_DAY] = day
         return p_day, shares
 
@@ -420,7 +419,7 @@ class Engine:
             if self._day_test:
                 # The reading that ends its stream's day also carries the per-day test:
                 # Bonferroni over three tests there, over two elsewhere.
-                p_day, day_shares = self._days(slots, ts, vals, st)
+                p_day, day_shares = self._days(slots, ts, vals, missing, st)
                 k = np.where(np.isfinite(p_day), 3.0, 2.0)
                 score = 1.0 - np.minimum(k * np.minimum(p_min, p_day), 1.0)
                 if day_shares is not None:  # the alert names the features whose day departed
