@@ -194,10 +194,13 @@ print(sent, time.perf_counter() - start, flush=True)
 # share with it: every payload but its stamp is built before the clock starts, and each
 # millisecond's due readings go out as MQTT 3.1.1 QoS 0 PUBLISH packets written to the
 # socket in one send (QoS 0 needs no client state, and the broker answers nothing).
+# With a 7th argument N > 1, stream s goes to sensors/plant<s mod N>/ instead (one share
+# per daemon process, bench/shards.py).
 PACED = WIRE + r"""
 from detector import plant
 port, streams, count, rate, fault_every, tag = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                                 float(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+shards = int(sys.argv[7]) if len(sys.argv) > 7 else 1
 _, base = plant.normal(count + 200, seed=7)
 todo = []  # (topic field, payload after the stamp), in publishing order
 for i in range(count):
@@ -206,7 +209,8 @@ for i in range(count):
         if fault_every and s % fault_every == 0 and 40 <= i < 60:
             row[1] += 3.0
         values = json.dumps(dict(zip(plant.FEATURES, row.tolist())))
-        todo.append((string(f"sensors/plant/{tag}{s}".encode()), f', "values": {values}}}'.encode()))
+        prefix = f"sensors/plant{s % shards}" if shards > 1 else "sensors/plant"
+        todo.append((string(f"{prefix}/{tag}{s}".encode()), f', "values": {values}}}'.encode()))
 sock = connect(port, b"paced")
 start = time.perf_counter()
 n = 0
@@ -270,9 +274,11 @@ class Daemon:
     ``NOTIFY_SOCKET`` so its start-up is timed to ``READY=1``."""
 
     def __init__(self, tmp: Path, broker_port: int, max_streams: int = 200_000, protocol: str = "3.1.1",
-                 max_batch: int | None = None) -> None:
+                 max_batch: int | None = None, prefix: str = "sensors/plant") -> None:
+        # prefix: the share of streams this daemon subscribes to and scores (bench/shards.py).
         self.d = helpers.Daemon(
             tmp, broker_port, mqtt=f'qos = 1\nprotocol = "{protocol}"', score="",
+            topics=f'["{prefix}/#"]', models=f'[[models]]\nmatch = "{prefix}/+"\npath = "{helpers.PLANT_MODEL}"\n',
             state="checkpoint_interval_s = 3600",
             worker="queue_size = 1000000\nqueue_bytes = 1073741824\n" + (f"max_batch = {max_batch}" if max_batch else ""),
             extra=f'[engine]\nmax_streams = {max_streams}\n[log]\nlevel = "warning"\n')

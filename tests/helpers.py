@@ -102,7 +102,7 @@ class Daemon:
     def __init__(self, tmp: Path, broker_port: int, *, mqtt: str = "", metrics: str = "",
                  learn: str = "enabled = false", state: str = "checkpoint_interval_s = 1.0",
                  score: str = "clear_readings = 5", worker: str = "", models: str | None = None,
-                 extra: str = "", host: str = "127.0.0.1") -> None:
+                 extra: str = "", host: str = "127.0.0.1", topics: str = '["sensors/#"]') -> None:
         self.tmp = tmp
         self.metrics_port = free_port()
         self.config = tmp / "config.toml"
@@ -112,7 +112,7 @@ class Daemon:
 [mqtt]
 host = "{host}"
 port = {broker_port}
-topics = ["sensors/#"]
+topics = {topics}
 client_id = "detector-test-{os.getpid()}-{self.metrics_port}"
 {mqtt}
 [metrics]

@@ -70,6 +70,11 @@ class BrokerHandle:
     def log_path(self) -> Path | None:
         return self._dir / "mosquitto.log" if self._dir else None
 
+    @property
+    def pid(self) -> int | None:
+        """Mosquitto's process id; None for the embedded broker (it runs in this process)."""
+        return self._proc.pid if self._proc is not None else None
+
     def start(self, timeout: float = 10.0) -> None:
         if self.kind == "embedded":
             self._embedded = EmbeddedBroker(HOST, self.port)
