@@ -46,8 +46,8 @@ def run_point(port: int, broker_pid: int | None, shards: int, rate: float, strea
                                       prefix=f"sensors/plant{k}" if shards > 1 else "sensors/plant"))
             time.sleep(1.0)
             before = [scrape(d.metrics_port) for d in daemons]
-            # Sample the machine and the daemons while readings are being scored: the load
-            # generator builds its packets first, at 100 % of a core, before its clock starts.
+            # CPU counts only while readings are being scored: the load generator builds its
+            # packets first, at 100 % of a core, before its clock starts.
             # (time, scored, CPU s of: the daemons, the broker, the load generator)
             samples: list[tuple[float, ...]] = []
             done = threading.Event()
