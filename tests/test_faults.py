@@ -454,16 +454,18 @@ def fit_processes(pid: int) -> list[int]:
 
 
 def test_crashing_and_hanging_fits_are_counted_and_retried(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
-    """Two daemons side by side (a real fit takes ~20 s here; the hang needs a timeout
+    """Two daemons side by side (a real fit takes 5-20 s here; the hang needs a timeout
     shorter than that): C's first fit crashes (SIGKILL, as from the OOM killer), its retry
     succeeds; H's fits hang (the test hook) and are killed at timeout_s, again and again."""
     small = "[model]\nhidden = 8\nbottleneck = 4\n[train]\nepochs = 2\nseq_len = 16\n"
-    learn = "warmup_readings = 100\nretry_after_s = 2\n"
+    learn = "warmup_readings = 100\n"
     other = own_mosquitto()  # H's: each daemon learns only its own stream
     (tmp_path / "c").mkdir()
     (tmp_path / "h").mkdir()
-    c = Daemon(tmp_path / "c", broker.port, learn=learn + "timeout_s = 600", extra=small)
-    h = Daemon(tmp_path / "h", other.port, learn=learn + "timeout_s = 3", extra=small)
+    # C waits 30 s before its retry: the readings sent after the crash must reach it while
+    # it is still learning, and a fast machine finishes a retry 2 s after the crash in ~5 s.
+    c = Daemon(tmp_path / "c", broker.port, learn=learn + "retry_after_s = 30\ntimeout_s = 600", extra=small)
+    h = Daemon(tmp_path / "h", other.port, learn=learn + "retry_after_s = 2\ntimeout_s = 3", extra=small)
     t0 = time.time() - 300
     noise = np.random.default_rng(8).normal(size=300)
     msgs = [("sensors/site/flow", json.dumps({"ts": t0 + t, "value": np.sin(t / 7.0) + 0.05 * noise[t]}).encode())
@@ -481,14 +483,15 @@ def test_crashing_and_hanging_fits_are_counted_and_retried(tmp_path: Path, broke
         os.kill(pids[0], signal.SIGKILL)
         wait_for(lambda: metric(c, fits.format("failed")) == 1, "C: the crash counted")
         assert "killed by SIGKILL" in c.logtext()
-        wait_for(lambda: metric(h, fits.format("timeout")) >= 2, "H: a hang, and its retry's, counted")
-        assert "timed out after 3 s" in h.logtext()
         # Meanwhile both streams keep collecting, unscored.
         publish_all(broker.port, msgs[100:150])
+        wait_metric(c, learning, 150, "C: readings collected while waiting to retry")
+        assert scored(c) == 0 and c.healthz() == 200
+        wait_for(lambda: metric(h, fits.format("timeout")) >= 2, "H: a hang, and its retry's, counted")
+        assert "timed out after 3 s" in h.logtext()
         publish_all(other.port, msgs[100:150])
-        for d in (c, h):
-            wait_metric(d, learning, 150, "readings collected while learning")
-            assert scored(d) == 0 and d.healthz() == 200
+        wait_metric(h, learning, 150, "H: readings collected while its fits hang")
+        assert scored(h) == 0 and h.healthz() == 200
         wait_for(lambda: metric(c, fits.format("ok")) == 1, "C: the retry succeeds", deadline=240)
         wait_for(lambda: "learned a model for sensors/site/flow" in c.logtext(), "C's learned model in use")
         publish_all(broker.port, msgs[150:200])
