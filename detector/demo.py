@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=5.0, help="readings per second per pump (default 5)")
     p.add_argument("--fault-every", type=float, default=30.0, metavar="S",
                    help="mean seconds between injected faults per pump (default 30)")
-    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+    p.add_argument("--duration", type=float, metavar="S", help="stop S seconds after the daemon is ready (default: Ctrl-C)")
     p.add_argument("--mqtt-port", type=int, default=1883, help="embedded broker port (default 1883, "
                                                                 "or a free one if taken)")
     p.add_argument("--metrics-port", type=int, default=9108, help="metrics port (default 9108, "
@@ -85,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
           f"metrics on http://127.0.0.1:{cfg.metrics.port}/metrics; state in {state}", flush=True)
     print(f"demo: {args.streams} simulated pumps on sensors/plant/pump-<i>, {args.rate:g} readings/s each, "
           f"model {SHIPPED}; alerts on anomalies/#. Ctrl-C to stop.", flush=True)
-    if args.duration:
-        threading.Timer(args.duration, daemon.stop_requested.set).start()
     code = daemon.run()
     print("demo: stopped", flush=True)
     return code
@@ -116,3 +114,7 @@ def _start_side(daemon: Daemon, args: argparse.Namespace, sim_config: type, simu
             print(f"demo: the simulator stopped: {err}", flush=True)
 
     threading.Thread(target=simulate, name="simulator", daemon=True).start()
+    if args.duration:  # counted from here: a slow start does not eat into the simulation
+        timer = threading.Timer(args.duration, stop.set)
+        timer.daemon = True  # a Ctrl-C before it fires must not wait for it
+        timer.start()

@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,10 @@ def test_broker_outage_with_and_without_persistent_session(tmp_path: Path) -> No
         freeze(a, b)
         publish_all(broker.port, [(s, json.dumps(data[s][100:130]).encode()) for s in streams])
         wait_for(lambda: len(witness.on("sensors/")) == 4, "the faults delivered")
-        time.sleep(0.5)  # the same delivery to the frozen daemons' sockets
+        size = sum(len(json.dumps(data[s][100:130])) for s in streams)
+        for d in (a, b):  # the same delivery to the frozen daemons' sockets
+            assert d.proc is not None
+            wait_for(lambda: unread_bytes(d.proc.pid, broker.port) >= size, "the faults in a frozen daemon's socket")
         witness.close()
         down_at = time.monotonic()
         broker.stop()
@@ -227,6 +231,9 @@ def test_sigkill_restores_the_last_checkpoint_and_the_session_keeps_what_came_me
         # Mid-stream: 50 more readings per stream scored, then SIGKILL.
         publish_all(broker.port, [m for s in streams for m in singles(s, data[s][100:150])])
         reach(d, 300, "second batch")
+        # paho writes the last PUBACKs on its next pass: killed before that, the session
+        # would give those readings again, and the restarted state would not be the saved one.
+        time.sleep(0.5)
         d.kill()
         age = time.time() - ckpt.stat().st_mtime
         with np.load(ckpt) as z:
@@ -243,6 +250,7 @@ def test_sigkill_restores_the_last_checkpoint_and_the_session_keeps_what_came_me
         wait_for(lambda: ckpt.stat().st_mtime_ns != before, "the restarted daemon's checkpoint")
         with np.load(ckpt) as z:
             again = {k: z[k] for k in z.files}
+        assert scored(d) == 0  # nothing redelivered: the state can only be the checkpoint's
         assert sorted(again) == sorted(saved)
         for key in saved:
             np.testing.assert_array_equal(again[key], saved[key], err_msg=key)
@@ -276,12 +284,16 @@ def test_a_clean_stop_mid_stream_with_a_persistent_session_loses_and_repeats_not
     d.start()
     msgs = singles(stream, data)
 
+    stopping = threading.Event()
+
     def paced() -> None:  # ~2000 readings/s on one connection: still publishing when the stop comes
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         c.connect("127.0.0.1", broker.port)
         c.loop_start()
         infos = []
         for i, (topic, payload) in enumerate(msgs):
+            if i == 1000:  # the rest only once the stop is under way, however slow this machine
+                stopping.wait(60)
             infos.append(c.publish(topic, payload, qos=1))
             if i % 20 == 19:
                 time.sleep(0.01)
@@ -294,7 +306,9 @@ def test_a_clean_stop_mid_stream_with_a_persistent_session_loses_and_repeats_not
     try:
         pub.start()
         wait_for(lambda: scored(d) >= 300, "the stream under way")
-        assert d.stop() == 0  # mid-stream: the publisher is still going
+        d.signal(signal.SIGTERM)  # mid-stream: the publisher goes on
+        stopping.set()
+        assert d.stop() == 0
         pub.join(120)
         with np.load(ckpt) as z:
             first_run = int(z["count"][0])
@@ -307,6 +321,7 @@ def test_a_clean_stop_mid_stream_with_a_persistent_session_loses_and_repeats_not
         assert sample(text, 'anomaly_detector_invalid_readings_total{reason="duplicate"}') == 0
         assert sample(text, 'anomaly_detector_invalid_readings_total{reason="out_of_order"}') == 0
     finally:
+        stopping.set()
         pub.join(120)
         d.stop()
     print(f"\nclean stop mid-stream: {first_run} scored before, {len(data) - first_run} after, none lost")
@@ -504,6 +519,13 @@ def test_crashing_and_hanging_fits_are_counted_and_retried(tmp_path: Path, broke
     assert "Traceback" not in c.logtext() + h.logtext()
 
 
+def unread_bytes(pid: int, port: int) -> int:
+    """Bytes waiting in ``pid``'s TCP connections to ``port`` (its receive queues)."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established"], capture_output=True, text=True, check=True).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines()
+               if f"127.0.0.1:{port}" in line.split()[3:4] and f"pid={pid}," in line)
+
+
 # ---- 6. shutdown with the broker gone ---------------------------------------------------
 def connecting(pid: int, port: int) -> bool:
     """``pid`` has a TCP connection to ``port`` waiting for the SYN's answer."""
@@ -546,7 +568,9 @@ def test_shutdown_is_bounded_when_the_broker_is_gone(tmp_path: Path, fault: str)
         d.signal(signal.SIGTERM)
         assert d.proc is not None
         started = time.monotonic()
-        code = d.proc.wait(timeout=timeout_s + 2.0)  # the contract, plus process start-to-exit slack
+        # A loaded machine can stall the interpreter's own exit for seconds: the wall clock
+        # only guards against a hang; the contract is judged on the daemon's log below.
+        code = d.proc.wait(timeout=30.0)
         took = time.monotonic() - started
     finally:
         for s in hole:
@@ -557,5 +581,18 @@ def test_shutdown_is_bounded_when_the_broker_is_gone(tmp_path: Path, fault: str)
             d.kill()
         broker.stop()
     assert code == 0
-    assert "stopped" in d.logtext()
-    print(f"\nbroker {fault}: exit 0 {took:.2f} s after SIGTERM (shutdown_timeout_s {timeout_s})")
+    stopping, stopped = log_time(d.logtext(), ": stopping: draining"), log_time(d.logtext(), ": stopped")
+    # black_hole without the bound blocks in paho's connect() for its 5 s timeout.
+    assert stopped - stopping <= timeout_s + 0.5, f"stopping to stopped took {stopped - stopping:.2f} s"
+    print(f"\nbroker {fault}: exit 0 {took:.2f} s after SIGTERM, {stopped - stopping:.2f} s from 'stopping' "
+          f"to 'stopped' (shutdown_timeout_s {timeout_s})")
+
+
+def log_time(text: str, marker: str) -> float:
+    """The time (epoch seconds) of the first log line that is ``marker`` or starts with it
+    after the logger's name."""
+    for line in text.splitlines():
+        if line.endswith(marker) or f"{marker} " in line:
+            stamp = line[:23]  # asctime: 2026-11-25 06:34:33,123
+            return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    raise AssertionError(f"no log line {marker!r}")

@@ -56,9 +56,12 @@ def metric(d: Daemon, name: str) -> float:
 
 
 def scraped_when(d: Daemon, name: str, at_least: float) -> str | None:
-    """The /metrics text once ``name`` has reached ``at_least``."""
-    text = d.metrics()
-    return text if sample(text, f"anomaly_detector_{name}") >= at_least else None
+    """The /metrics text once ``name`` has reached ``at_least``, scraped again a moment
+    later: the step that got it there updates its other series after that counter."""
+    if sample(d.metrics(), f"anomaly_detector_{name}") < at_least:
+        return None
+    time.sleep(0.2)
+    return d.metrics()
 
 
 def invalid_total(text: str) -> float:

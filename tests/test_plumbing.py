@@ -94,17 +94,19 @@ def test_worker_lingers_for_more_messages_only_when_not_behind() -> None:
     q = Intake(100)
     worker = Worker(cfg, q, create(), lambda t, p: None)
 
-    def later(payload: bytes) -> None:
-        time.sleep(0.05)
+    def later(payload: bytes, after_s: float) -> None:
+        time.sleep(after_s)
         q.put(raw(0, payload, received=time.time()))
 
     # a fresh message waits (up to 500 ms) for what comes meanwhile: one step for both
     q.put(raw(0, b"1", received=time.time()))
-    threading.Thread(target=later, args=(b"2",)).start()
+    threading.Thread(target=later, args=(b"2", 0.05)).start()
     assert [r.value for m in worker._take(0.0) for r in m.readings()] == [1.0, 2.0]
-    # one that has waited that long already (a backlog) is scored at once
+    # one that has waited that long already (a backlog) is scored at once: "4", put half
+    # the linger later (not sooner: a stall of this thread must not let it join), is not
+    # in that step, as it would be were the worker lingering
     q.put(raw(0, b"3", received=time.time() - 1.0))
-    threading.Thread(target=later, args=(b"4",)).start()
+    threading.Thread(target=later, args=(b"4", 0.25)).start()
     assert [r.value for m in worker._take(0.0) for r in m.readings()] == [3.0]
     assert [r.value for m in worker._take(1.0) for r in m.readings()] == [4.0]
 

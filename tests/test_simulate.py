@@ -162,7 +162,13 @@ def test_faults_reported_with_the_reading_they_start_on(broker: BrokerHandle, co
 def test_stop_event_and_duration_keep_published_exact(broker: BrokerHandle, collector: Collector,
                                                       prefix: str) -> None:
     stop = threading.Event()
-    threading.Timer(0.5, stop.set).start()
+
+    def stop_soon() -> None:  # half a second after the first reading, however slow the connect
+        collector.wait_for(1)
+        time.sleep(0.5)
+        stop.set()
+
+    threading.Thread(target=stop_soon, daemon=True).start()
     stats = Simulator(config(broker, prefix, streams=4, rate=0, qos=1)).run(stop)
     timed = Simulator(config(broker, prefix, streams=4, rate=20, qos=1, duration=0.5,
                              seed=1)).run()
