@@ -519,18 +519,23 @@ def test_crashing_and_hanging_fits_are_counted_and_retried(tmp_path: Path, broke
     assert "Traceback" not in c.logtext() + h.logtext()
 
 
+def sockets_to(pid: int, port: int, state: str) -> list[list[str]]:
+    """``pid``'s TCP sockets in ``state`` whose peer is 127.0.0.1:``port``, as ``ss`` columns
+    (Recv-Q, Send-Q, local, peer, process)."""
+    out = subprocess.run(["ss", "-Htnp", "state", state], capture_output=True, text=True, check=True).stdout
+    return [cols for cols in map(str.split, out.splitlines())
+            if cols[3:4] == [f"127.0.0.1:{port}"] and f"pid={pid}," in cols[-1]]
+
+
 def unread_bytes(pid: int, port: int) -> int:
     """Bytes waiting in ``pid``'s TCP connections to ``port`` (its receive queues)."""
-    out = subprocess.run(["ss", "-Htnp", "state", "established"], capture_output=True, text=True, check=True).stdout
-    return sum(int(line.split()[0]) for line in out.splitlines()
-               if f"127.0.0.1:{port}" in line.split()[3:4] and f"pid={pid}," in line)
+    return sum(int(cols[0]) for cols in sockets_to(pid, port, "established"))
 
 
 # ---- 6. shutdown with the broker gone ---------------------------------------------------
 def connecting(pid: int, port: int) -> bool:
     """``pid`` has a TCP connection to ``port`` waiting for the SYN's answer."""
-    out = subprocess.run(["ss", "-Htnp", "state", "syn-sent"], capture_output=True, text=True, check=True).stdout
-    return any(f"127.0.0.1:{port}" in line.split() and f"pid={pid}," in line for line in out.splitlines())
+    return bool(sockets_to(pid, port, "syn-sent"))
 
 
 @pytest.mark.parametrize("fault", ["stopped", "hung", "black_hole"])
