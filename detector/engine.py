@@ -35,6 +35,7 @@ Policies:
 
 from __future__ import annotations
 
+import operator
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -193,15 +194,15 @@ class Engine:
         self._stream_of.extend([None] * (cap - old))
         self._free.extend(range(cap - 1, old - 1, -1))
 
-    def _reset_slot(self, slot: int) -> None:
-        self.h[slot] = self._init_h
-        self.c[slot] = self._init_c
-        self.pred[slot] = self._init_pred
-        self.spike_rate[slot] = 0.0
-        self.onset_shares[slot] = 0.0
-        self.day_sum[slot] = self.day_count[slot] = self.day_spread2[slot] = self.day_judged[slot] = 0.0
-        self.weekday_mean[slot] = np.nan
-        self.state[:, slot] = self._reset_row
+    def _reset_slots(self, slots: np.ndarray) -> None:
+        self.h[slots] = self._init_h
+        self.c[slots] = self._init_c
+        self.pred[slots] = self._init_pred
+        self.spike_rate[slots] = 0.0
+        self.onset_shares[slots] = 0.0
+        self.day_sum[slots] = self.day_count[slots] = self.day_spread2[slots] = self.day_judged[slots] = 0.0
+        self.weekday_mean[slots] = np.nan
+        self.state[:, slots] = self._reset_row[:, None]
 
     def _release(self, slots: np.ndarray, reason: str) -> None:
         for slot in slots.tolist():
@@ -214,21 +215,36 @@ class Engine:
             self._free.append(slot)
         self.evicted[reason] += len(slots)
 
-    def _new_slot(self, sid: str, now: float) -> int:
-        if not self._free:
-            if len(self.slot_of) >= self.ecfg.max_streams:
-                live = np.flatnonzero(np.array([s is not None for s in self._stream_of]))
-                k = max(1, self.ecfg.max_streams // 100)
-                oldest = live[np.argpartition(self.state[_LAST_SEEN, live], min(k, len(live)) - 1)[:k]]
-                self._release(oldest, "max_streams")
-            else:
-                self._grow(min(max(2 * len(self._stream_of), 64), self.ecfg.max_streams))
-        slot = self._free.pop()
-        self.slot_of[sid] = slot
-        self._stream_of[slot] = sid
-        self._reset_slot(slot)
-        self.state[_LAST_SEEN, slot] = now
-        return slot
+    def _new_slots(self, sids: Sequence[str], seen: float | np.ndarray) -> np.ndarray:
+        """Slots for streams not held yet, reset to the model's start state and last seen at
+        ``seen`` (one time, or one per stream); making room for them may evict the least
+        recently seen streams, never one of these unless they alone fill max_streams."""
+        slots = np.empty(len(sids), dtype=np.int64)
+        seen_at = np.broadcast_to(np.asarray(seen, dtype=np.float64), (len(sids),)).tolist()
+        for j, sid in enumerate(sids):
+            if not self._free:
+                self._make_room()
+            slot = self._free.pop()
+            self.slot_of[sid] = slot
+            self._stream_of[slot] = sid
+            # Seen at once, so that making room for the next ones does not evict it; the
+            # rest of its state is reset below for all of them together (eight array writes
+            # per batch, not per stream: 1,000 new streams often arrive in a few steps).
+            self.state[_LAST_SEEN, slot] = seen_at[j]
+            slots[j] = slot
+        if len(slots):
+            self._reset_slots(slots)
+            self.state[_LAST_SEEN, slots] = seen_at
+        return slots
+
+    def _make_room(self) -> None:
+        if len(self.slot_of) >= self.ecfg.max_streams:
+            live = np.flatnonzero(np.array([s is not None for s in self._stream_of]))
+            k = max(1, self.ecfg.max_streams // 100)
+            oldest = live[np.argpartition(self.state[_LAST_SEEN, live], min(k, len(live)) - 1)[:k]]
+            self._release(oldest, "max_streams")
+        else:
+            self._grow(min(max(2 * len(self._stream_of), 64), self.ecfg.max_streams))
 
     def evict_idle(self, now: float) -> int:
         """Evict streams not seen since ``now - idle_timeout_s``; returns how many."""
@@ -276,16 +292,26 @@ class Engine:
             raise ValueError(f"state shape {snap['h'].shape[1:]}/{snap['pred'].shape[1:]} does not fit "
                              f"model {self.bundle.name} ({self.h.shape[1]} hidden, {self.n_features} features)")
         same_model = [str(v) for v in snap["model"].tolist()] == [self.bundle.name, self.bundle.version]
-        for k, sid in enumerate(streams[: self.ecfg.max_streams]):
-            slot = self.slot_of.get(sid)
-            if slot is None:
-                slot = self._new_slot(sid, float(snap["last_seen"][k]))
-            for name in self._STATE_ARRAYS:
-                if name in snap:  # snapshots from before a state array existed keep its reset value
-                    self._array(name)[slot] = snap[name][k]
-            if not same_model:
-                self.state[_COUNT, slot] = 0
-        return min(len(streams), self.ecfg.max_streams)
+        # The most recently seen streams, if not all fit; oldest first, so that making room
+        # for them evicts the least recently seen of all.
+        order = np.argsort(snap["last_seen"], kind="stable")[-self.ecfg.max_streams:]
+        streams = [streams[k] for k in order.tolist()]
+        n = len(streams)
+        slots = np.fromiter(map(self.slot_of.get, streams, repeat(-1)), dtype=np.int64, count=n)
+        new = (slots < 0).nonzero()[0]
+        if len(new):
+            slots[new] = self._new_slots([streams[j] for j in new.tolist()], snap["last_seen"][order[new]])
+        # Array by array, not stream by stream: 100,000 streams restore in a fraction of a
+        # second. A stream evicted meanwhile to make room for a later one keeps nothing.
+        held = np.fromiter(map(operator.eq, map(self._stream_of.__getitem__, slots.tolist()), streams),
+                           dtype=bool, count=n)
+        slots = slots[held]
+        for name in self._STATE_ARRAYS:
+            if name in snap:  # snapshots from before a state array existed keep its reset value
+                self._array(name)[slots] = snap[name][order[held]]
+        if not same_model:
+            self.state[_COUNT, slots] = 0
+        return n
 
     # ---- scoring -----------------------------------------------------------------
     def process(self, streams: Sequence[str], ts: Sequence[float] | np.ndarray,
@@ -330,8 +356,7 @@ class Engine:
             # Mark the known streams as seen first, so that making room for the new ones
             # does not evict a stream that is in this very batch.
             self.state[_LAST_SEEN, slots[slots >= 0]] = now
-            for j in new.tolist():
-                slots[j] = self._new_slot(sids[j], now)
+            slots[new] = self._new_slots([sids[j] for j in new.tolist()], now)
         return slots
 
     def _days(self, slots: np.ndarray, ts: np.ndarray, vals: np.ndarray, missing: np.ndarray,

@@ -26,7 +26,7 @@ from itertools import chain, repeat
 from pathlib import Path
 
 import numpy as np
-from paho.mqtt.client import topic_matches_sub
+from paho.mqtt.matcher import MQTTMatcher
 
 from detector import bundle, checkpoint
 from detector.alerts import alert_payload, alert_topic
@@ -48,6 +48,7 @@ LEARN = "learn"
 LOGGED_EVENTS = 20
 # Seconds between two full collections of the cyclic collector, at least (see step).
 FULL_GC_INTERVAL_S = 60.0
+_ORDER = operator.itemgetter(0)
 _STREAM, _RECEIVED, _TS, _VALUES, _VALUE = map(operator.attrgetter, ("stream", "received", "ts", "values", "value"))
 
 
@@ -86,6 +87,7 @@ class Worker:
         self.learner = learner
         self.models = Models()
         self._route_cache: dict[str, Engine | str | None] = {}
+        self._matcher = MQTTMatcher()  # the routes' filters: (config order, engine) by filter
         self._learner_evicted = 0
         self._engine_paths: dict[int, Path] = {}
         self.heartbeat = time.monotonic()
@@ -126,6 +128,14 @@ class Worker:
             paths[id(eng)] = path
             routes.append((r.match, eng))
         self.models.routes = routes
+        # Built once: topic_matches_sub builds a matcher per call (~5 µs a new stream and
+        # filter, against ~3 for a lookup here), and a reconnecting fleet brings thousands.
+        self._matcher = MQTTMatcher()
+        for k, (pattern, eng) in enumerate(routes):
+            try:
+                self._matcher[pattern]
+            except KeyError:  # a filter repeated: its first route is the one that matches
+                self._matcher[pattern] = (k, eng)
         self._engine_paths = paths
         self.cfg = cfg
         self._route_cache.clear()
@@ -153,7 +163,8 @@ class Worker:
             return hit
         target: Engine | str | None = self.models.learned.get(stream)
         if target is None:
-            target = next((e for pattern, e in self.models.routes if topic_matches_sub(pattern, stream)), None)
+            first = min(self._matcher.iter_match(stream), key=_ORDER, default=None)  # routes in config order
+            target = first[1] if first is not None else None
         if target is None and self.learner is not None and self.cfg.learn.enabled:
             target = LEARN
         if len(self._route_cache) >= self.cfg.engine.max_streams:
@@ -622,6 +633,7 @@ class Worker:
                 restored += eng.restore(snap)
             except (ValueError, KeyError) as err:
                 log.error("checkpoint %s does not fit its model; starting fresh: %s", path, err)
+        self.metrics.streams.set(sum(e.n_streams for e in self._engines()))  # scraped before any reading
         return restored
 
 

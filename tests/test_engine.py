@@ -118,6 +118,23 @@ def test_max_streams_bounds_state_and_evicts_least_recently_seen(bundle) -> None
     assert all(sid.startswith("t2-") for sid in small.slot_of)
 
 
+def test_restore_into_a_smaller_engine_keeps_the_most_recent_streams_it_can_hold(bundle) -> None:
+    v = _normal_rows(1, seed=14)
+    big = Engine(bundle)
+    for k in range(3):  # stream s<k>-* last seen at k
+        big.process([f"s{k}-{i}" for i in range(50)], np.ones(50), np.repeat(v, 50, axis=0), now=float(k))
+    held = Engine(bundle, engine=EngineConfig(max_streams=60))
+    held.process(["old"], np.ones(1), v, now=-1.0)
+    snap = big.snapshot()
+    assert held.restore(snap) == 60
+    # Restored in snapshot order; making room evicts the least recently seen ("old", then s0-*).
+    assert held.n_streams == 60 and all(sid.startswith(("s1-", "s2-")) for sid in held.slot_of)
+    for sid, slot in held.slot_of.items():
+        k = list(snap["streams"]).index(sid)
+        assert held.column("last_seen")[slot] == snap["last_seen"][k]
+        assert np.array_equal(held.h[slot], snap["h"][k])
+
+
 def test_calibrated_threshold_is_reported_in_error_units(bundle) -> None:
     eng = Engine(bundle, replace(ScoreConfig(), threshold=0.999))
     assert np.isclose(bundle.calibration.score(np.array([eng.threshold_error]))[0], 0.999, atol=1e-6)

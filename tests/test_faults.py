@@ -251,6 +251,7 @@ def test_sigkill_restores_the_last_checkpoint_and_the_session_keeps_what_came_me
         with np.load(ckpt) as z:
             again = {k: z[k] for k in z.files}
         assert scored(d) == 0  # nothing redelivered: the state can only be the checkpoint's
+        assert metric(d, "anomaly_detector_streams") == 2  # counted before any reading comes
         assert sorted(again) == sorted(saved)
         for key in saved:
             np.testing.assert_array_equal(again[key], saved[key], err_msg=key)

@@ -181,6 +181,23 @@ def test_a_fault_on_every_stream_alerts_on_each_and_logs_a_summary(
         + sum(line.startswith("anomaly_start ") for line in lines) == 12
 
 
+def test_a_stream_takes_the_first_route_that_matches_in_config_order() -> None:
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}}),
+                  models=(ModelRoute("sensors/plant/+", str(PLANT_MODEL)),
+                          ModelRoute("sensors/#", str(PLANT_MODEL)),
+                          ModelRoute("sensors/plant/+", str(PLANT_MODEL)),  # repeated: never chosen
+                          ModelRoute("+/line2/#", str(PLANT_MODEL))))
+    worker = Worker(cfg, Intake(10), create(), lambda t, p: None)
+    worker.install(cfg, load_models(cfg))
+    engines = [e for _, e in worker.models.routes]
+    assert worker._route("sensors/plant/a") is engines[0]
+    assert worker._route("sensors/line2/a") is engines[1]  # "+/line2/#" matches too, but comes later
+    assert worker._route("sensors") is engines[1]  # "#" matches the parent level too
+    assert worker._route("hall/line2") is engines[3]
+    assert worker._route("hall/line3/a") is None
+    assert worker._route("$SYS/line2/a") is None  # wildcards never match $ topics' first level
+
+
 def test_checkpoint_round_trip_and_corrupt_file_moved_aside(tmp_path: Path) -> None:
     path = tmp_path / "ck" / "a.npz"
     checkpoint.save(path, {"h": np.ones((2, 3), dtype=np.float32), "streams": np.array(["a", "b"])})
