@@ -16,11 +16,13 @@ In one run, on this machine (all on loopback):
     steps take tens;
   * receive → scored latency (``processing_seconds``) p50/p99 at half the daemon's
     flat-out rate, at half its sustained paced rate and at ``--latency-rates``, with
-    readings evenly paced, and publish → alert for
+    readings evenly paced on 1,000 streams the daemon holds already (their first 20
+    readings published before the point), and publish → alert for
     injected faults (the alert's ``ts`` is its reading's, stamped by the publisher as it
     published it), and the daemon's CPU per reading at each of those rates;
   * the daemon's RSS idle and holding state for 1k/10k/100k streams;
-  * start-up: process start to ``READY=1`` over ``NOTIFY_SOCKET``.
+  * start-up: process start to ``READY=1`` over ``NOTIFY_SOCKET``, fresh and restoring the
+    checkpoint of every stream held at the end.
 The throughput load comes from a lean publisher process writing pre-built MQTT packets
 flat out to a raw socket (``--publisher paho``: the same payloads through paho, which
 caps single-reading messages at ~12-20k/s on this machine, below what the subscribers
@@ -207,12 +209,13 @@ from detector import plant
 port, streams, count, rate, fault_every, tag = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                                 float(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
 shards = int(sys.argv[7]) if len(sys.argv) > 7 else 1
-_, base = plant.normal(count + 200, seed=7)
+skip = int(sys.argv[8]) if len(sys.argv) > 8 else 0  # rows of each series published before (warm-up)
+_, base = plant.normal(int(sys.argv[9]) if len(sys.argv) > 9 else count + 200, seed=7)
 todo = []  # (topic field, payload after the stamp), in publishing order
-for i in range(count):
+for i in range(skip, skip + count):
     for s in range(streams):
         row = base[(i + 7 * s) % len(base)].copy()
-        if fault_every and s % fault_every == 0 and 40 <= i < 60:
+        if fault_every and s % fault_every == 0 and 40 <= i - skip < 60:
             row[1] += 3.0
         values = json.dumps(dict(zip(plant.FEATURES, row.tolist())))
         prefix = f"sensors/plant{s % shards}" if shards > 1 else "sensors/plant"
@@ -423,10 +426,29 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def alert_latencies(port: int, streams: int, rate: float, count: int = 80, tag: str = "lat") -> list[float]:
+# Readings per stream published before a latency point, and their pace: the point is
+# measured on streams the daemon holds already, as a plant's are. From fresh streams, the
+# first 26 ms of a 2-second point at 38,000/s were 1,000 stream creations (~7 µs each, 14
+# before 2026-11-25), a start-up transient that is not the steady rate the target is about.
+WARM_READINGS = 20
+WARM_RATE = 20_000.0
+LATENCY_COUNT = 80  # readings per stream in a latency point, faults at its 40th to 59th
+
+
+def warm_streams(port: int, streams: int, count: int, tag: str) -> None:
+    """Publish the first WARM_READINGS readings of the series ``alert_latencies(...,
+    count, tag)`` continues, without faults."""
+    subprocess.run([sys.executable, "-c", PACED, str(port), str(streams), str(WARM_READINGS), str(WARM_RATE), "0",
+                    tag, "1", "0", str(WARM_READINGS + count + 200)],
+                   capture_output=True, text=True, cwd=ROOT, timeout=900, check=True)
+
+
+def alert_latencies(port: int, streams: int, rate: float, count: int = LATENCY_COUNT,
+                    tag: str = "lat") -> list[float]:
     """Publish ``count`` readings per stream at ``rate`` readings/s, evenly paced, with a
-    fault on every 10th stream; return publish -> alert seconds for every ``anomaly_start``
-    (its ``ts`` is the flagged reading's, stamped when it was published)."""
+    fault on every 10th stream, continuing the series :func:`warm_streams` began; return
+    publish -> alert seconds for every ``anomaly_start`` (its ``ts`` is the flagged
+    reading's, stamped when it was published)."""
     import json
     import threading
 
@@ -448,7 +470,8 @@ def alert_latencies(port: int, streams: int, rate: float, count: int = 80, tag: 
     sub.subscribe("anomalies/#", qos=1)
     sub.loop_start()
     time.sleep(0.5)
-    subprocess.run([sys.executable, "-c", PACED, str(port), str(streams), str(count), str(rate), "10", tag],
+    subprocess.run([sys.executable, "-c", PACED, str(port), str(streams), str(count), str(rate), "10", tag, "1",
+                    str(WARM_READINGS), str(WARM_READINGS + count + 200)],
                    capture_output=True, text=True, cwd=ROOT, timeout=900, check=True)
     time.sleep(2.0)
     sub.loop_stop()
@@ -571,12 +594,14 @@ def main() -> int:
                 print()
                 labels = {half: "half the QoS 0 single-reading rate", sustained / 2: "half the sustained paced rate"}
                 for k, rate in enumerate([half] + ([sustained / 2] if sustained else []) + args.latency_rates):
+                    # New streams for each point (sensors/plant/lat<k>-<i>), their series
+                    # begun by warm_streams and continued: a stream whose series started over
+                    # would alert on the jump.
+                    warm_streams(broker.port, args.streams, LATENCY_COUNT, tag=f"lat{k}-")
                     settle(d)
                     before = scrape(d.metrics_port)
                     cpu = cpu_s(d.proc.pid)
-                    # Fresh streams each time (sensors/plant/lat<k>-<i>): a stream whose
-                    # series started over would alert on the jump.
-                    lat = alert_latencies(broker.port, args.streams, rate, tag=f"lat{k}-")
+                    lat = alert_latencies(broker.port, args.streams, rate, LATENCY_COUNT, tag=f"lat{k}-")
                     after = d.wait_scored(0)
                     # The daemon's CPU over the whole point (the load generator's start-up
                     # and the quiet seconds around the load included) per reading scored.
@@ -599,6 +624,14 @@ def main() -> int:
                         time.sleep(0.2)
                     held = int(scrape(d.metrics_port).get("anomaly_detector_streams", 0))
                     print(f"RSS with {held} streams: {rss_mb(d.proc.pid):.0f} MB")
+            finally:
+                d.stop()  # SIGTERM: the daemon checkpoints every stream it holds
+            # A restart (an upgrade, a reboot) with that checkpoint to restore.
+            (Path(tmp) / "notify.sock").unlink()
+            d = Daemon(Path(tmp), broker.port, protocol=args.protocol, max_batch=args.max_batch)
+            try:
+                restored = int(scrape(d.metrics_port).get("anomaly_detector_streams", 0))
+                print(f"start-up to READY=1 restoring a checkpoint of {restored} streams: {d.startup_s:.2f} s")
             finally:
                 d.stop()
     finally:
