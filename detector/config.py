@@ -228,7 +228,7 @@ class WorkerConfig:
     queue_size: int = field(default=100_000, metadata=_positive())
     queue_bytes: int = field(default=32 << 20, metadata=_positive())
     max_batch: int = field(default=65536, metadata=_positive())
-    max_wait_ms: float = field(default=5.0, metadata=_check(lambda v: v >= 0, "must be >= 0"))
+    max_wait_ms: float = field(default=100.0, metadata=_check(lambda v: v >= 0, "must be >= 0"))
     linger_ms: float = field(default=1.0, metadata=_check(lambda v: 0 <= v <= 1000, "must be 0 to 1000"))
     overload: str = field(default="drop_oldest", metadata=_one_of("drop_oldest", "drop_newest"))
     shutdown_timeout_s: float = field(default=10.0, metadata=_positive())

@@ -90,8 +90,12 @@ def test_daemon_scores_alerts_exports_metrics_and_shuts_down_cleanly(tmp_path: P
     assert sorted(before["streams"].tolist()) == ["sensors/plant/pump-1", "sensors/plant/pump-2"]
 
     # A restart restores the checkpoint: each stream's state is what it was at shutdown.
+    # The swapped model's config, read before d2 writes its own default one over it (same
+    # tmp_path): with the first model, d2 restored whatever an earlier periodic checkpoint
+    # of that model held, and passed only when one had run after the readings.
+    swapped_config = d.config.read_text()
     d2 = Daemon(tmp_path, broker.port)
-    d2.config.write_text(d.config.read_text().replace(str(d.metrics_port), str(d2.metrics_port)))
+    d2.config.write_text(swapped_config.replace(str(d.metrics_port), str(d2.metrics_port)))
     d2.start()
     try:
         wait_for(lambda: "2 stream state(s) restored" in d2.logtext(), "restore")
