@@ -20,7 +20,7 @@ In one run, on this machine (all on loopback):
     readings published before the point), and publish → alert for
     injected faults (the alert's ``ts`` is its reading's, stamped by the publisher as it
     published it), and the daemon's CPU per reading at each of those rates;
-  * the daemon's RSS idle and holding state for 1k/10k/100k streams;
+  * the daemon's RSS idle and holding state for 1k/10k/100k streams, and its CPU idle;
   * start-up: process start to ``READY=1`` over ``NOTIFY_SOCKET``, fresh and restoring the
     checkpoint of every stream held at the end.
 The throughput load comes from a lean publisher process writing pre-built MQTT packets
@@ -575,6 +575,9 @@ def main() -> int:
                 print(f"start-up to READY=1: {d.startup_s:.2f} s")
                 time.sleep(1)
                 print(f"RSS idle: {rss_mb(d.proc.pid):.0f} MB")
+                cpu = cpu_s(d.proc.pid)
+                time.sleep(10)  # CPU time is counted in 10 ms ticks
+                print(f"CPU idle (connected, no readings): {10 * (cpu_s(d.proc.pid) - cpu):.1f} % of a core")
                 print(f"\n{'messages':10s} {'qos':>3s} {'bare sub/s':>11s} {'daemon/s':>10s} {'ratio':>6s} zero-loss")
                 rates = {}
                 for batch in (1, 100):
