@@ -52,6 +52,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import helpers  # noqa: E402
 from mqtt_broker import start_test_broker  # noqa: E402
 
+from detector.ingest import loop_stop  # noqa: E402
+
 SUBSCRIBER = r"""
 import json, sys, time, threading
 import paho.mqtt.client as mqtt
@@ -370,7 +372,7 @@ def lean_publish(port: int, n: int, prefix: str) -> None:
             last.wait_for_publish(60)
     if last is not None:
         last.wait_for_publish(60)
-    c.loop_stop()
+    loop_stop(c)
     c.disconnect()
 
 
@@ -477,7 +479,7 @@ def alert_latencies(port: int, streams: int, rate: float, count: int = LATENCY_C
                     str(WARM_READINGS), str(WARM_READINGS + count + 200)],
                    capture_output=True, text=True, cwd=ROOT, timeout=900, check=True)
     time.sleep(2.0)
-    sub.loop_stop()
+    loop_stop(sub)
     sub.disconnect()
     return got
 

@@ -106,6 +106,18 @@ def tls_context(cfg: Config) -> ssl.SSLContext:
     return ctx
 
 
+def loop_stop(client: mqtt.Client) -> None:
+    """``client.loop_stop()`` without paho's race (eclipse-paho/paho.mqtt.python#872): the
+    network thread sets ``client._thread`` to None as it exits, so a ``loop_stop`` that
+    comes between its own check of it and its ``join`` raises AttributeError. The thread
+    has ended then, which is all a caller wants. It hit a CI run at the end of a test's
+    publish (2026-11-25); after a DISCONNECT, when the thread exits by itself, more so."""
+    try:
+        client.loop_stop()
+    except AttributeError:
+        pass
+
+
 class ReadAheadClient(mqtt.Client):
     """A paho client that reads the socket 64 KiB at a time.
 
@@ -309,7 +321,7 @@ class MqttLink:
             if not published:
                 log.warning("offline status not acknowledged by the broker before disconnecting")
         self.client.disconnect()
-        stopper = threading.Thread(target=self.client.loop_stop, name="mqtt-stop", daemon=True)
+        stopper = threading.Thread(target=loop_stop, args=(self.client,), name="mqtt-stop", daemon=True)
         stopper.start()
         stopper.join(max(0.0, deadline - time.monotonic()))
         if stopper.is_alive():

@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from detector import plant
+from detector.ingest import loop_stop
 
 CHUNK = 4096            # readings generated per stream at a time (plant.normal is a Python loop)
 FIRST_CHUNK_MIN = 256   # first chunks have random sizes so streams do not all refill at once
@@ -196,7 +197,7 @@ class Simulator:
         finally:
             stats.seconds = time.monotonic() - t0
             client.disconnect()
-            client.loop_stop()
+            loop_stop(client)
         return stats
 
     def _connect(self) -> mqtt.Client:
@@ -219,7 +220,7 @@ class Simulator:
             raise SimError(f"{where}: {exc.strerror or exc or type(exc).__name__}") from None
         client.loop_start()
         if not self._answered.wait(CONNECT_TIMEOUT) or self._refused is not None:
-            client.loop_stop()
+            loop_stop(client)
             client.disconnect()
             raise SimError(f"{where}: {self._refused or 'no CONNACK from broker'}")
         return client

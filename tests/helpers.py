@@ -18,6 +18,7 @@ from typing import TypeVar
 import paho.mqtt.client as mqtt
 
 from detector import plant
+from detector.ingest import loop_stop
 from mqtt_broker import free_port
 
 T = TypeVar("T")
@@ -83,7 +84,7 @@ def publish_all(port: int, items: list[tuple[str, bytes]]) -> None:
     pub.loop_start()
     for info in [pub.publish(t, p, qos=1) for t, p in items]:
         info.wait_for_publish(timeout=30)
-    pub.loop_stop()
+    loop_stop(pub)
     pub.disconnect()
 
 
@@ -199,7 +200,7 @@ class Listener:
             return [m for m in self.messages if m.topic.startswith(topic_prefix)]
 
     def close(self) -> None:
-        self.client.loop_stop()
+        loop_stop(self.client)
         self.client.disconnect()
 
 

@@ -22,6 +22,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from detector.broker import EmbeddedBroker
+from detector.ingest import loop_stop
 
 WAIT = 10.0
 V311, V5 = MQTTProtocolVersion.MQTTv311, MQTTProtocolVersion.MQTTv5
@@ -72,7 +73,7 @@ class Client:
 
     def drop(self) -> None:
         """Vanish without DISCONNECT, as a crashed daemon or a pulled cable would."""
-        self.paho.loop_stop()
+        loop_stop(self.paho)
         sock = self.paho.socket()
         if sock is not None:
             sock.close()
@@ -80,7 +81,7 @@ class Client:
     def close(self) -> None:
         if self.paho.is_connected():
             self.paho.disconnect()
-        self.paho.loop_stop()
+        loop_stop(self.paho)
 
 
 @pytest.fixture(scope="module", params=["test-broker", "embedded"])
@@ -189,7 +190,7 @@ def test_embedded_rejects_mqtt5() -> None:
             assert refused.wait(WAIT), "amqtt accepted MQTT 5: update the docs and tests"
         finally:
             c.disconnect()
-            c.loop_stop()
+            loop_stop(c)
 
 
 def test_embedded_port_in_use_is_one_line_error() -> None:

@@ -48,6 +48,7 @@ from mqtt_broker import free_port, start_test_broker
 from paho.mqtt.client import topic_matches_sub
 
 from detector import cli, plant
+from detector.ingest import loop_stop
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -883,14 +884,14 @@ def test_shipped_mosquitto_conf_runs_and_keeps_sessions(tmp_path: Path) -> None:
         wait_for(lambda: sub.is_connected(), "subscriber connected", 10)
         sub.subscribe("sensors/#", qos=1)
         time.sleep(0.3)
-        sub.loop_stop()
+        loop_stop(sub)
         sub.disconnect()
         publish_all(port, [("sensors/x", str(i).encode()) for i in range(50)])
         sub = client("detector-like")
         sub.on_message = lambda c, u, m: got.append(bytes(m.payload))
         sub.loop_start()
         wait_for(lambda: len(got) >= 50, "queued readings delivered after reconnecting", 15)
-        sub.loop_stop()
+        loop_stop(sub)
         sub.disconnect()
     finally:
         stop_process(proc)

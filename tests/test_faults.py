@@ -26,6 +26,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
+from detector.ingest import loop_stop
 from helpers import ROOT, Daemon, Listener, plant_messages, publish_all, sample, wait_for
 from mqtt_broker import BrokerHandle, start_test_broker
 
@@ -300,7 +301,7 @@ def test_a_clean_stop_mid_stream_with_a_persistent_session_loses_and_repeats_not
                 time.sleep(0.01)
         for info in infos:
             info.wait_for_publish(timeout=60)
-        c.loop_stop()
+        loop_stop(c)
         c.disconnect()
 
     pub = threading.Thread(target=paced)

@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from detector.ingest import ReadAheadClient
+from detector.ingest import ReadAheadClient, loop_stop
 from helpers import mqtt_packet, publish_all, wait_for
 from mqtt_broker import start_test_broker
 
@@ -54,7 +54,7 @@ class Receiver:
             return len(self.got)
 
     def close(self) -> None:
-        self.client.loop_stop()
+        loop_stop(self.client)
         self.client.disconnect()
 
 

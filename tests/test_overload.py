@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from detector import plant
+from detector.ingest import loop_stop
 from helpers import Daemon, PeakRss, publish_all, rss_bytes, sample, wait_for
 from mqtt_broker import start_test_broker
 
@@ -126,7 +127,7 @@ class Publisher:
     def close(self) -> None:
         for info in self._infos:
             info.wait_for_publish(timeout=60)
-        self.client.loop_stop()
+        loop_stop(self.client)
         self.client.disconnect()
 
 

@@ -33,6 +33,7 @@ import pytest
 from detector import bundle as bundle_mod
 from detector import config
 from detector.cli import main as cli_main
+from detector.ingest import loop_stop
 from detector.errors import InputError
 from detector.ingest import tls_context
 from helpers import PLANT_MODEL, ROOT, Daemon, http_get, plant_messages, scrape, wait_for
@@ -226,7 +227,7 @@ class Peer:
 
     def close(self) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        loop_stop(self.client)
 
 
 def readings(d: Daemon) -> float:

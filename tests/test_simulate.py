@@ -19,6 +19,7 @@ from mqtt_broker import BrokerHandle, free_port, start_test_broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 from detector import payloads, plant, simulate
+from detector.ingest import loop_stop
 from detector.simulate import SimConfig, SimError, Simulator
 
 WAIT = 20.0  # upper bound for deliveries to arrive; never asserted as a duration
@@ -60,7 +61,7 @@ class Collector:
 
     def close(self) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        loop_stop(self.client)
 
 
 @pytest.fixture
