@@ -47,6 +47,11 @@ from detector.worker import Worker, load_models  # noqa: E402
 PLANT = ROOT / "models" / "plant"
 
 
+def plant_config() -> config_mod.Config:
+    """The defaults, learning off, every sensors/plant/+ stream on the shipped plant model."""
+    return replace(config_mod.parse({"learn": {"enabled": False}}), models=(ModelRoute("sensors/plant/+", str(PLANT)),))
+
+
 def messages(streams: int, per_stream: int, batch: int, t0: float) -> list[mqtt.MQTTMessage]:
     out = []
     for topic, payload, _ in load_messages(streams, per_stream, batch, "sensors/plant", t0):
@@ -58,7 +63,7 @@ def messages(streams: int, per_stream: int, batch: int, t0: float) -> list[mqtt.
 
 def run(streams: int, per_stream: int, batch: int, repeat: int) -> tuple[float, float]:
     """Min over ``repeat`` runs of (receive + queue, worker) CPU µs per reading."""
-    cfg = replace(config_mod.parse({"learn": {"enabled": False}}), models=(ModelRoute("sensors/plant/+", str(PLANT)),))
+    cfg = plant_config()
     worker: Worker | None = None
     receive_us, worker_us = [], []
     t0 = time.time() - (repeat + 1) * per_stream * 0.001
@@ -91,7 +96,7 @@ def stream_setup(per_step: int, steps: int, restore_n: int) -> tuple[float, floa
     """(worker CPU µs per step of ``per_step`` single-reading messages for streams it holds,
     the same for streams it has never seen, seconds to restore ``restore_n`` streams from
     a snapshot): medians over ``steps`` steps, the two kinds alternated."""
-    cfg = replace(config_mod.parse({"learn": {"enabled": False}}), models=(ModelRoute("sensors/plant/+", str(PLANT)),))
+    cfg = plant_config()
     intake = Intake(10_000_000)
     worker = Worker(cfg, intake, create(), lambda topic, payload: None)
     worker.install(cfg, load_models(cfg))
