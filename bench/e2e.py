@@ -440,12 +440,26 @@ WARM_RATE = 20_000.0
 LATENCY_COUNT = 80  # readings per stream in a latency point, faults at its 40th to 59th
 
 
+def run_paced(port: int, streams: int, count: int, rate: float, fault_every: int, tag: str,
+              skip: int = 0, series: int | None = None) -> tuple[int, float]:
+    """Run the PACED publisher: ``count`` readings per stream from row ``skip`` of each
+    stream's series (``series`` rows long; by default ``count + 200``); returns (readings
+    sent, seconds it took)."""
+    out = subprocess.run([sys.executable, "-c", PACED, str(port), str(streams), str(count), str(rate),
+                          str(fault_every), tag, "1", str(skip), str(series or count + 200)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900, check=True).stdout.split()
+    return int(out[0]), float(out[1])
+
+
+def latency_series(count: int) -> int:
+    """Rows of a latency point's series: the warm-up, the ``count`` measured, a margin."""
+    return WARM_READINGS + count + 200
+
+
 def warm_streams(port: int, streams: int, count: int, tag: str) -> None:
     """Publish the first WARM_READINGS readings of the series ``alert_latencies(...,
     count, tag)`` continues, without faults."""
-    subprocess.run([sys.executable, "-c", PACED, str(port), str(streams), str(WARM_READINGS), str(WARM_RATE), "0",
-                    tag, "1", "0", str(WARM_READINGS + count + 200)],
-                   capture_output=True, text=True, cwd=ROOT, timeout=900, check=True)
+    run_paced(port, streams, WARM_READINGS, WARM_RATE, 0, tag, series=latency_series(count))
 
 
 def alert_latencies(port: int, streams: int, rate: float, count: int = LATENCY_COUNT,
@@ -475,9 +489,7 @@ def alert_latencies(port: int, streams: int, rate: float, count: int = LATENCY_C
     sub.subscribe("anomalies/#", qos=1)
     sub.loop_start()
     time.sleep(0.5)
-    subprocess.run([sys.executable, "-c", PACED, str(port), str(streams), str(count), str(rate), "10", tag, "1",
-                    str(WARM_READINGS), str(WARM_READINGS + count + 200)],
-                   capture_output=True, text=True, cwd=ROOT, timeout=900, check=True)
+    run_paced(port, streams, count, rate, 10, tag, skip=WARM_READINGS, series=latency_series(count))
     time.sleep(2.0)
     loop_stop(sub)
     sub.disconnect()
@@ -492,9 +504,7 @@ def keeps_up(d: Daemon, port: int, streams: int, rate: float, seconds: float, ta
     settle(d)
     before = scrape(d.metrics_port)
     count = max(2, round(rate * seconds / streams))
-    out = subprocess.run([sys.executable, "-c", PACED, str(port), str(streams), str(count), str(rate), "0", tag],
-                         capture_output=True, text=True, cwd=ROOT, timeout=900, check=True).stdout.split()
-    sent, paced_s = int(out[0]), float(out[1])
+    sent, paced_s = run_paced(port, streams, count, rate, 0, tag)
     done_at = time.monotonic()  # the publisher's last packet went out just before it exited
     want = before.get("anomaly_detector_readings_total", 0) + sent
     after, moved = before, time.monotonic()
