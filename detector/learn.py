@@ -211,24 +211,35 @@ class Learner:
             st = self._streams[sid]
             if st.retry_at <= now:
                 self._queue.remove(sid)
-                self._start(sid, st, now)
-                running += 1
+                running += self._start(sid, st, now)
 
-    def _start(self, sid: str, st: _Stream, now: float) -> None:
+    def _start(self, sid: str, st: _Stream, now: float) -> bool:
+        """Start ``sid``'s fit process; False when it could not be started (no process,
+        memory or file descriptor left): that counts as a failed fit, retried later."""
         base = f"{safe_name(sid)}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
         out, k = self.models_dir / base, 1
         while out.exists():  # a quick retry within the same second
             k += 1
             out = self.models_dir / f"{base}-{k}"
         times, values = st.ring.ordered()
-        recv, send = _SPAWN.Pipe(duplex=False)
-        proc = _SPAWN.Process(target=_child, name=f"learn {safe_name(sid)}", daemon=True,
-                              args=(sid, times, values, st.features, self.cfg, out, send,
-                                    self.models_dir / f"{safe_name(sid)}.log"))
-        proc.start()
+        pipe = None
+        try:
+            pipe = recv, send = _SPAWN.Pipe(duplex=False)
+            proc = _SPAWN.Process(target=_child, name=f"learn {safe_name(sid)}", daemon=True,
+                                  args=(sid, times, values, st.features, self.cfg, out, send,
+                                        self.models_dir / f"{safe_name(sid)}.log"))
+            proc.start()
+        except Exception as err:  # noqa: BLE001 -- EAGAIN, ENOMEM, EMFILE: the scoring must go on
+            for end in pipe or ():
+                end.close()
+            st.started, st.conn, st.proc, st.out = now, None, None, None
+            self.stats["fits_failed"] += 1
+            self._fail(sid, st, now, f"cannot start the fit process: {type(err).__name__}: {err}", "failed")
+            return False
         send.close()  # our copy closed, so the child's death reads as EOF here
         st.state, st.proc, st.conn, st.out, st.started, st.reply = "fitting", proc, recv, out, now, None
         self.stats["fits_started"] += 1
+        return True
 
     def _check(self, sid: str, st: _Stream, now: float) -> None:
         assert st.conn is not None

@@ -96,6 +96,7 @@ class Worker:
         self._carried = 0
         self._linger = cfg.worker.linger_ms / 1000.0  # like the network thread's: set at start
         self._next_full_gc = 0.0  # monotonic time from which a full collection may run
+        self._next_stamp = 0.0  # the earliest receive-time stamp a reading without ts may get
         self._per_msg = 1.0  # readings per message, a running mean: how many messages a step takes
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None  # a checkpoint being written in the background
@@ -127,7 +128,15 @@ class Worker:
                     log.warning("model %s changed shape; its streams start over: %s", path, err)
             paths[id(eng)] = path
             routes.append((r.match, eng))
+        learned = self.models.learned
+        if (cfg.score, cfg.engine) != (self.cfg.score, self.cfg.engine):
+            # Learned engines take the new [score] and [engine] too, each keeping its state
+            # (same bundle, same shape); all built before anything is swapped.
+            learned = {stream: Engine(old.bundle, cfg.score, cfg.engine) for stream, old in learned.items()}
+            for stream, eng in learned.items():
+                eng.restore(self.models.learned[stream].snapshot())
         self.models.routes = routes
+        self.models.learned = learned
         # Built once: topic_matches_sub builds a matcher per call (~5 µs a new stream and
         # filter, against ~3 for a lookup here), and a reconnecting fleet brings thousands.
         self._matcher = MQTTMatcher()
@@ -161,10 +170,10 @@ class Worker:
         hit = self._route_cache.get(stream)
         if hit is not None or stream in self._route_cache:
             return hit
-        target: Engine | str | None = self.models.learned.get(stream)
-        if target is None:
-            first = min(self._matcher.iter_match(stream), key=_ORDER, default=None)  # routes in config order
-            target = first[1] if first is not None else None
+        # The routes in config order first (the contract: first match wins, streams matching
+        # none learn), so a route added for a stream that had learned a model takes it over.
+        first = min(self._matcher.iter_match(stream), key=_ORDER, default=None)
+        target: Engine | str | None = first[1] if first is not None else self.models.learned.get(stream)
         if target is None and self.learner is not None and self.cfg.learn.enabled:
             target = LEARN
         if len(self._route_cache) >= self.cfg.engine.max_streams:
@@ -190,13 +199,16 @@ class Worker:
         return self.thread.is_alive() and time.monotonic() - self.heartbeat < 30.0
 
     def _run(self) -> None:
-        wait = self.cfg.worker.max_wait_ms / 1000.0
         while True:
             self.heartbeat = time.monotonic()
+            wait = self.cfg.worker.max_wait_ms / 1000.0  # self.cfg: a reload may change it
             msgs = self.step(wait if not self._stop.is_set() else 0.0)
             if not msgs and self._stop.is_set():
                 break
-            self._between_batches()
+            try:
+                self._between_batches()
+            except Exception:  # a fit that cannot start, a reload gone wrong: keep scoring
+                log.exception("error between batches (reload, learning or checkpoint); scoring goes on")
         self.checkpoint()
 
     def step(self, wait: float) -> list[Message]:
@@ -265,7 +277,9 @@ class Worker:
                 # (~0.8 cores at 1,000 readings/s). Waiting until the first message is
                 # linger old lets a step take what came meanwhile; a message that waited
                 # that long already (a backlog) adds no wait.
-                delay = raws[0].received + linger - time.time()
+                # At most linger: received is wall-clock time, and a clock stepped back
+                # must not hold the worker for the size of the step.
+                delay = min(raws[0].received + linger - time.time(), linger)
                 linger = 0.0
                 if delay > 0:
                     time.sleep(delay)
@@ -292,7 +306,16 @@ class Worker:
         return out
 
     def _decode(self, raw: Raw) -> Message | None:
-        msg, rejected = decode_message(raw.stream, raw.payload, raw.received, self.cfg.mqtt.max_payload_bytes)
+        # A reading without ts takes the receive time, a batch's items 1 µs apart. Those
+        # stamps never go back here: the next message's start after the positions this
+        # one could have used, so two batches received within their length of each other,
+        # or a wall clock stepped back, do not make a stream's later readings look out of
+        # order and be refused. Under any real rate the receive time is far ahead anyway.
+        stamp = max(raw.received, self._next_stamp)
+        msg, rejected = decode_message(raw.stream, raw.payload, stamp, self.cfg.mqtt.max_payload_bytes)
+        if msg is not None:
+            self._next_stamp = stamp + (len(msg.ts) + len(rejected)) * 1e-6
+            msg.received = raw.received  # the latency metrics' start: when it really came
         for r in rejected:
             self.metrics.invalid.labels(reason=r.reason).inc()
             self._invalid_log.warning(r.reason, f"invalid reading on {raw.topic!r}: {r.reason}: {r.detail}")
@@ -566,6 +589,8 @@ class Worker:
             return
         for stream, times, values in self.refits.due(time.time()):
             eng = self.models.learned.get(stream)
+            if eng is not None and self._route(stream) is not eng:
+                continue  # a route has taken the stream over: its learned model is idle
             if eng is not None and self.learner.refit(stream, times, values, list(eng.features)):  # type: ignore[union-attr]
                 log.info("refitting the model of %s on its last %d normal readings", stream, len(times))
 

@@ -106,6 +106,32 @@ def test_failed_fit_is_reported_and_retried(tmp_path: Path, tiny_cfg: config.Con
     assert no_children()
 
 
+def test_a_fit_that_cannot_start_is_a_failed_fit_retried(tmp_path: Path, tiny_cfg: config.Config,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # No process can be spawned (EAGAIN: a process limit reached): the reading that fills
+    # the buffer must not raise into the worker's step, and the stream must stay queued.
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(learn._SPAWN, "Process", no_process)
+    lr = learn.Learner(tiny_cfg, tmp_path, warmup_readings=10, retry_after_s=0.2)
+    try:
+        feed(lr, "a", 10)
+        [res] = lr.poll()
+        assert res.bundle_path is None and res.result == "failed"
+        assert res.error is not None and res.error.startswith("cannot start the fit process: BlockingIOError")
+        assert lr.stats["fits_started"] == 0 and lr.stats["fits_failed"] == 1 and lr.pending() == 1
+        monkeypatch.undo()  # processes can be spawned again: the retry starts the fit
+        deadline = time.monotonic() + DEADLINE_S
+        while lr.stats["fits_started"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+            lr.poll()
+    finally:
+        lr.close()
+    assert no_children()
+
+
 def test_hanging_fit_is_killed(tmp_path: Path, tiny_cfg: config.Config,
                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DETECTOR_LEARN_TEST_HANG", "1")
@@ -192,6 +218,17 @@ def test_ring_holds_the_last_readings_oldest_first() -> None:
     assert values.tolist() == [[3, -3], [4, -4], [5, -5], [6, -6]]
     full = Ring.full(times, values)
     assert len(full) == 4 and full.ordered()[0].tolist() == times.tolist()
+    # A large ring grows with what it holds, keeping the order across each growth.
+    big = Ring.empty(500, 2)
+    assert len(big.times) < 500
+    for t in range(1, 21):
+        big.push(float(t), np.array([t, -t]))
+    assert len(big.times) < 500 and big.ordered()[0].tolist() == [float(t) for t in range(1, 21)]
+    for t in range(21, 1201):
+        big.push(float(t), np.array([t, -t]))
+    times, values = big.ordered()
+    assert len(big.times) == 500 and times.tolist() == [float(t) for t in range(701, 1201)]
+    assert values[:, 1].tolist() == [-float(t) for t in range(701, 1201)]
 
 
 @pytest.mark.parametrize("ids", [["a/b", "a+b", "a#b", "a b", "a-b", "a_b", "a\\b"],

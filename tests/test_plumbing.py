@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 import weakref
+from itertools import pairwise
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from detector import config as config_mod
 from detector import worker as worker_mod
 from detector.alerts import alert_payload, alert_topic
 from detector.config import ModelRoute
-from detector.engine import Event
+from detector.engine import Engine, Event
 from detector.intake import Intake, Raw
 from detector.metrics import create
 from detector.payloads import item_count
@@ -222,3 +223,85 @@ def test_sd_notify_sends_datagrams(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert sdnotify.watchdog_interval() == 1.0
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not sdnotify.notify("READY=1")
+
+
+def test_readings_without_ts_never_go_back_in_time() -> None:
+    # Two 100-item batches without ts received within their length of each other, then a
+    # number received after the wall clock stepped back: every reading is kept, in order.
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}}),
+                  models=(ModelRoute("sensors/plant/+", str(PLANT_MODEL)),))
+    metrics = create()
+    q = Intake(100)
+    worker = Worker(cfg, q, metrics, lambda t, p: None)
+    worker.install(cfg, load_models(cfg))
+    item = {"values": {"temperature": 30.0, "vibration": 2.9, "pressure": 30.0, "flow": 0.58}}
+    batch = json.dumps([item] * 100).encode()
+    now = time.time()
+    for received in (now, now + 10e-6, now - 1.0):  # 10 µs apart; then 1 s back
+        q.put(Raw("sensors/plant/a", "sensors/plant/a", batch, received))
+    msgs = worker._take(0.0)
+    ts = [t for m in msgs for t in m.ts]
+    assert len(ts) == 300 and all(b > a for a, b in pairwise(ts))
+    assert [m.received for m in msgs] == [now, now + 10e-6, now - 1.0]  # latency keeps the real times
+    worker.process(msgs)
+    assert metrics.registry.get_sample_value("anomaly_detector_readings_total") == 300
+    assert metrics.registry.get_sample_value("anomaly_detector_invalid_readings_total",
+                                             {"reason": "out_of_order"}) in (None, 0.0)
+
+
+def test_a_clock_stepped_back_does_not_hold_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The linger waits for the first message to be linger old by its wall-clock receive
+    # time: one stamped 1 h ahead (the clock then stepped back) must not wait an hour.
+    cfg = config_mod.parse({"worker": {"linger_ms": 50.0}})
+    q = Intake(100)
+    worker = Worker(cfg, q, create(), lambda t, p: None)
+    waits: list[float] = []
+    monkeypatch.setattr(worker_mod.time, "sleep", waits.append)
+    q.put(raw(0, b"1", received=time.time() + 3600.0))
+    assert [r.value for m in worker._take(0.0) for r in m.readings()] == [1.0]
+    assert waits and max(waits) <= 0.05
+
+
+def test_routes_come_before_learned_models_and_a_reload_reaches_both() -> None:
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}}),
+                  models=(ModelRoute("sensors/plant/+", str(PLANT_MODEL)),))
+    worker = Worker(cfg, Intake(10), create(), lambda t, p: None)
+    bundles = load_models(cfg)
+    worker.install(cfg, bundles)
+    learned = Engine(next(iter(bundles.values())), cfg.score, cfg.engine)
+    worker.models.learned.update({"sensors/plant/p9": learned, "site/flow": learned})
+    route = worker.models.routes[0][1]
+    assert worker._route("sensors/plant/p9") is route  # the contract: first route that matches
+    assert worker._route("site/flow") is learned  # no route: its own model
+    t0 = time.time() - 10
+    learned.process(["site/flow"], [t0], [[30.0, 2.9, 30.0, 0.58]], now=t0)
+    stricter = replace(cfg, score=replace(cfg.score, threshold=0.9999), engine=replace(cfg.engine, max_streams=50))
+    worker.install(stricter, bundles)
+    eng = worker.models.learned["site/flow"]
+    assert eng.cfg.threshold == 0.9999 and eng.ecfg.max_streams == 50
+    assert eng.snapshot()["streams"].tolist() == ["site/flow"]  # its streams keep their state
+
+
+def test_an_error_between_steps_does_not_end_the_worker(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config_mod.parse({"worker": {"max_wait_ms": 10.0}})
+    q = Intake(100)
+    metrics = create()
+    worker = Worker(cfg, q, metrics, lambda t, p: None)
+    calls: list[int] = []
+
+    def fails_once() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(11, "Resource temporarily unavailable")
+
+    worker._between_batches = fails_once  # type: ignore[method-assign]
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(calls) < 3 and worker.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) >= 3 and worker.alive()
+        assert "scoring goes on" in caplog.text and "OSError" in caplog.text
+    finally:
+        q.close()
+        assert worker.stop(30)
