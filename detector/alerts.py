@@ -45,7 +45,7 @@ def _finite(v: float) -> float | None:
 
 def alert_payload(event: Event, runtime: str) -> bytes:
     body = event.to_json()
-    body["score"] = round(event.score, 6)
+    body["score"] = _finite(round(event.score, 6))  # NaN: the episode of an evicted stream
     body["error"] = _finite(event.error)
     body["threshold"] = _finite(event.threshold)
     body["model"] = dict(event.model, runtime=runtime)

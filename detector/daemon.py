@@ -197,7 +197,9 @@ class Daemon:
         else:
             self.link.stop_intake()
         if not self.worker.stop(max(left(), 0.1)):
-            log.error("worker did not finish within %.0f s", timeout)
+            log.error("worker did not finish within %.0f s; about %d queued reading(s) were not scored "
+                      "(QoS 1 ones are not redelivered: they were acknowledged on arrival)",
+                      timeout, round(self.worker.waiting()))
         if self.learner is not None:
             self.learner.close(min(left(), 2.0))  # fits are killed, not waited for
         self.link.stop(left())

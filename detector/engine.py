@@ -35,6 +35,7 @@ Policies:
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from collections import Counter
@@ -63,11 +64,18 @@ class Event:
     threshold: float
     features: dict[str, float]
     model: dict[str, str]
+    # Why an episode ended: "normal" (clear_readings normal readings in a row), "idle" or
+    # "max_streams" (the stream was evicted while in it: nobody watches it any more, and
+    # an alert left open would stay open for ever). Empty for anomaly_start.
+    reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"stream": self.stream, "event": self.event, "ts": self.ts, "score": self.score,
+        body = {"stream": self.stream, "event": self.event, "ts": self.ts, "score": self.score,
                 "error": self.error, "threshold": self.threshold, "features": self.features,
                 "model": self.model}
+        if self.reason:
+            body["reason"] = self.reason
+        return body
 
 
 @dataclass
@@ -157,6 +165,7 @@ class Engine:
         self._stream_of: list[str | None] = []
         self._free: list[int] = []
         self.evicted: Counter[str] = Counter()
+        self._ended: list[Event] = []  # anomaly_end of streams evicted in an episode, for process
         self._next_idle_sweep = -np.inf
         self._grow(min(64, self.ecfg.max_streams))  # never more slots than max_streams
 
@@ -209,6 +218,10 @@ class Engine:
             sid = self._stream_of[slot]
             if sid is None:
                 continue
+            if self.state[_IN_EPISODE, slot] > 0.0:  # its episode ends with it, said so
+                nan = math.nan
+                self._ended.append(Event(sid, "anomaly_end", float(self.state[_LAST_TS, slot]), nan, nan, nan,
+                                         {}, self.model_ref, reason))
             del self.slot_of[sid]
             self._stream_of[slot] = None
             self.state[_LAST_SEEN, slot] = -np.inf
@@ -326,8 +339,15 @@ class Engine:
             self._next_idle_sweep = now + self.ecfg.idle_timeout_s / 10.0
         out = Scored(error=np.full(n, np.nan), score=np.zeros(n), flag=np.zeros(n, dtype=bool),
                      in_episode=np.zeros(n, dtype=bool), shares=np.zeros((n, self.n_features)))
-        if n == 0:
-            return out
+        if n:
+            self._process(streams, ts_arr, vals, now, out)
+        if self._ended:  # evicted before this call's readings were scored: their ends first
+            out.events[:0] = self._ended
+            self._ended = []
+        return out
+
+    def _process(self, streams: Sequence[str], ts_arr: np.ndarray, vals: np.ndarray, now: float,
+                 out: Scored) -> None:
         codes, distinct = _codes(streams)
         # Each distinct stream's slot is looked up once per call, not once per reading;
         # round by round (as a stream's readings come) only when this call alone holds more
@@ -345,7 +365,6 @@ class Engine:
             else:
                 slots = self._slots([streams[i] for i in idx.tolist()], now)
             self._step(idx, slots, streams, ts_arr, vals, now, out)
-        return out
 
     def _slots(self, sids: Sequence[str], now: float) -> np.ndarray:
         """The slots of ``sids``, new streams given one."""
@@ -543,7 +562,7 @@ class Engine:
                     ts=float(ts[j]), score=float(score[j]), error=float(err[j]),
                     threshold=float(thr[k]),
                     features={f: round(float(s), 4) for f, s in zip(self.features, shares[j])},
-                    model=self.model_ref))
+                    model=self.model_ref, reason="" if starts[j] else "normal"))
 
         if self.cfg.method == "likelihood":  # after the thresholds above, which use the old ones
             st[_LT_MEAN] = new_mean

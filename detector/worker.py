@@ -465,7 +465,11 @@ class Worker:
                             alert_payload(ev, eng.rt.name)) is not None:
                 m.alerts.labels(event=ev.event).inc()
             if k < LOGGED_EVENTS:
-                log.info("%s %s score %.4f (model %s)", ev.event, ev.stream, ev.score, ev.model["name"])
+                if ev.reason in ("", "normal"):
+                    log.info("%s %s score %.4f (model %s)", ev.event, ev.stream, ev.score, ev.model["name"])
+                else:
+                    log.info("%s %s: evicted in an episode (%s; model %s)", ev.event, ev.stream, ev.reason,
+                             ev.model["name"])
         if len(res.events) > LOGGED_EVENTS:
             # A fault every stream sees (a shared supply, a network outage) alerts on all of
             # them in one step: one line for the rest, not a line each (30 µs apiece).

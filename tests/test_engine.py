@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import replace
 
 import numpy as np
 
 from detector import plant
+from detector.alerts import alert_payload
 from detector.config import EngineConfig, ScoreConfig
 from detector.engine import Engine, _codes, _rounds
 
@@ -97,6 +99,35 @@ def test_idle_streams_are_evicted_and_start_fresh(bundle) -> None:
     assert set(eng.slot_of) == {"new"} and eng.evicted["idle"] == 1
     res = eng.process(["old"], [0.5], v[:1], now=1071.0)  # earlier ts is fine: fresh state
     assert not res.rejected and eng.column("count")[eng.slot_of["old"]] == 1
+
+
+def test_a_stream_evicted_in_an_episode_ends_it_with_the_reason(bundle) -> None:
+    # A sensor that goes silent (or is pushed out at max_streams) while anomalous: its
+    # episode is ended by an anomaly_end that says why, so no alert stays open for ever.
+    cfg = replace(CALIBRATED, clear_readings=5)
+    vals = _normal_rows(200, seed=12)
+    vals[150:, 1] += 15.0  # pressure far off from reading 150 to the end: still in the episode
+    eng = Engine(bundle, cfg, EngineConfig(idle_timeout_s=60.0, max_streams=2))
+    res = eng.process(["a"] * 200, np.arange(200.0), vals, now=1000.0)
+    assert res.in_episode[-1] and [e.event for e in res.events if e.ts >= 150][0] == "anomaly_start"
+    eng.process(["b"] * 200, np.arange(200.0), vals, now=1000.0)  # in an episode too
+    res = eng.process(["c"], [1.0], vals[:1], now=1030.0)  # makes room: "a" or "b" goes
+    [gone] = [e for e in res.events if e.event == "anomaly_end"]
+    assert gone.stream in {"a", "b"} and gone.reason == "max_streams" and gone.ts == 199.0
+    assert np.isnan(gone.score) and gone.features == {} and gone.model == res.events[0].model
+    kept = ({"a", "b"} - {gone.stream}).pop()
+    res = eng.process(["c"], [2.0], vals[:1], now=1100.0)  # the other one is idle now
+    assert [(e.event, e.stream, e.reason) for e in res.events] == [("anomaly_end", kept, "idle")]
+    body = json.loads(alert_payload(res.events[0], "numpy"))
+    assert body["reason"] == "idle" and body["score"] is None and body["threshold"] is None
+    normal_end = Engine(bundle, cfg).process(["p"] * 200, np.arange(200.0), _with_pressure_fault(), now=1e6)
+    assert [e.reason for e in normal_end.events if e.event == "anomaly_end"][:1] == ["normal"]
+
+
+def _with_pressure_fault() -> np.ndarray:
+    vals = _normal_rows(200, seed=6)
+    vals[100:120, 1] += 15.0
+    return vals
 
 
 def test_max_streams_bounds_state_and_evicts_least_recently_seen(bundle) -> None:
