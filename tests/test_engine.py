@@ -109,7 +109,7 @@ def test_a_stream_evicted_in_an_episode_ends_it_with_the_reason(bundle) -> None:
     vals[150:, 1] += 15.0  # pressure far off from reading 150 to the end: still in the episode
     eng = Engine(bundle, cfg, EngineConfig(idle_timeout_s=60.0, max_streams=2))
     res = eng.process(["a"] * 200, np.arange(200.0), vals, now=1000.0)
-    assert res.in_episode[-1] and [e.event for e in res.events if e.ts >= 150][0] == "anomaly_start"
+    assert res.in_episode[-1] and next(e.event for e in res.events if e.ts >= 150) == "anomaly_start"
     eng.process(["b"] * 200, np.arange(200.0), vals, now=1000.0)  # in an episode too
     res = eng.process(["c"], [1.0], vals[:1], now=1030.0)  # makes room: "a" or "b" goes
     [gone] = [e for e in res.events if e.event == "anomaly_end"]
