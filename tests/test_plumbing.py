@@ -279,6 +279,7 @@ def test_routes_come_before_learned_models_and_a_reload_reaches_both() -> None:
     worker.install(stricter, bundles)
     eng = worker.models.learned["site/flow"]
     assert eng.cfg.threshold == 0.9999 and eng.ecfg.max_streams == 50
+    assert eng.rt.name == "numpy"  # one stream per learned engine: no ONNX Runtime session
     assert eng.snapshot()["streams"].tolist() == ["site/flow"]  # its streams keep their state
 
 
