@@ -105,6 +105,7 @@ class Worker:
         self._carried = 0
         self._linger = cfg.worker.linger_ms / 1000.0  # like the network thread's: set at start
         self._next_full_gc = 0.0  # monotonic time from which a full collection may run
+        self._stale_bundles: list[Path] = []  # refitted models' old bundles, deleted once learned.json is saved
         self._next_stamp = 0.0  # the earliest receive-time stamp a reading without ts may get
         self._per_msg = 1.0  # readings per message, a running mean: how many messages a step takes
         self._stop = threading.Event()
@@ -523,13 +524,14 @@ class Worker:
             self.models.learned[res.stream] = eng
             self._route_cache.pop(res.stream, None)
             self._learned_info()
+            if prev is not None and prev.bundle.path != eng.bundle.path:  # one bundle per stream on disk
+                # Deleted once learned.json no longer names it: until then (disk full) a
+                # crash would restore the stream from it.
+                self._stale_bundles.append(prev.bundle.path)
             self._save_learned_index()
             if self.refits is not None:
                 self.refits.start(res.stream, eng.n_features, time.time())
             if prev is not None:
-                if prev.bundle.path != eng.bundle.path:  # one bundle per stream on disk
-                    self.wait_checkpoint()  # a background write must not recreate the folder
-                    shutil.rmtree(prev.bundle.path, ignore_errors=True)
                 self.metrics.refits.inc()
                 log.info("refitted the model of %s in %.0f s: %s", res.stream, res.seconds, res.bundle_path)
             else:
@@ -556,13 +558,17 @@ class Worker:
                           indent=1).encode()
         path = self.state_dir / "learned.json"
         try:
-            if path.is_file() and path.read_bytes() == data:
-                return True
-            checkpoint.write_atomic(path, data)
+            if not (path.is_file() and path.read_bytes() == data):
+                checkpoint.write_atomic(path, data)
         except OSError as err:
             self.metrics.checkpoint_failures.inc()
             log.error("saving %s failed (learned models stay in use): %s", path, err)
             return False
+        if self._stale_bundles:  # refitted models' old bundles, no longer named by it
+            self.wait_checkpoint()  # a background write must not recreate a folder
+            for old in self._stale_bundles:
+                shutil.rmtree(old, ignore_errors=True)
+            self._stale_bundles.clear()
         return True
 
     def _relative(self, path: Path) -> str:

@@ -306,3 +306,21 @@ def test_an_error_between_steps_does_not_end_the_worker(caplog: pytest.LogCaptur
     finally:
         q.close()
         assert worker.stop(30)
+
+
+def test_a_refitted_models_old_bundle_stays_until_learned_json_no_longer_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}, "state": {"dir": str(tmp_path)}}), models=())
+    worker = Worker(cfg, Intake(10), create(), lambda t, p: None)
+    old = tmp_path / "models" / "s-old"
+    old.mkdir(parents=True)
+    worker._stale_bundles.append(old)
+
+    def disk_full(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_atomic", disk_full)
+    assert not worker._save_learned_index() and old.is_dir()  # a crash now restores from it
+    monkeypatch.undo()
+    assert worker._save_learned_index() and not old.exists()
+    assert json.loads((tmp_path / "learned.json").read_text()) == {}
