@@ -369,7 +369,12 @@ class Worker:
             self.metrics.dropped.labels(reason="no_model").inc(no_model)
         now = time.time()
         for eng, group in groups.values():
-            self._score(eng, group, now)
+            try:
+                self._score(eng, group, now)
+            except Exception:  # one model's failure costs its readings, not the others' in the step
+                n = sum(map(len, group))
+                log.exception("error scoring %d reading(s) with model %s", n, eng.bundle.name)
+                self.metrics.dropped.labels(reason="internal_error").inc(n)
         self.metrics.streams.set(sum(e.n_streams for e in self._engines()))
 
     @staticmethod

@@ -324,3 +324,25 @@ def test_a_refitted_models_old_bundle_stays_until_learned_json_no_longer_names_i
     monkeypatch.undo()
     assert worker._save_learned_index() and not old.exists()
     assert json.loads((tmp_path / "learned.json").read_text()) == {}
+
+
+def test_a_model_that_fails_costs_only_its_own_readings(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}}),
+                  models=(ModelRoute("sensors/a/+", str(PLANT_MODEL)), ModelRoute("sensors/b/+", str(PLANT_MODEL))))
+    metrics = create()
+    q = Intake(100)
+    worker = Worker(cfg, q, metrics, lambda t, p: None)
+    worker.install(cfg, load_models(cfg))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise FloatingPointError("a bug in one model's path")
+
+    worker.models.routes[0][1].process = broken  # type: ignore[method-assign]
+    payload = json.dumps({"values": {"temperature": 30.0, "vibration": 2.9, "pressure": 30.0, "flow": 0.58}}).encode()
+    for stream in ("sensors/a/1", "sensors/b/1", "sensors/a/2", "sensors/b/2", "sensors/b/3"):
+        q.put(Raw(stream, stream, payload, time.time()))
+    worker.step(0.0)
+    assert metrics.registry.get_sample_value("anomaly_detector_readings_total") == 3
+    assert metrics.registry.get_sample_value("anomaly_detector_dropped_readings_total",
+                                             {"reason": "internal_error"}) == 2
+    assert "error scoring 2 reading(s) with model plant" in caplog.text
