@@ -232,8 +232,13 @@ def test_valid_values_pass() -> None:
     assert cfg.models[0].match == "sensors/plant/+"
 
 
-def test_shipped_config_parses() -> None:
-    config.load(ROOT / "config.toml")
+def test_shipped_config_parses_to_the_defaults_but_its_model_route() -> None:
+    # config.toml documents every key with its default: a value there that differs from
+    # the built-in one (it said runtime = "numpy" while the default was "auto") misleads
+    # whoever copies it.
+    shipped, defaults = config.load(ROOT / "config.toml"), config.parse({})
+    assert shipped.models and not defaults.models
+    assert dataclasses.replace(shipped, models=(), base_dir=defaults.base_dir) == defaults
 
 
 @pytest.mark.parametrize("text, needle", [
