@@ -34,6 +34,17 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def seed(text: str) -> int:
+    """A random seed as numpy takes it: 0 to 2**32 - 1 (``[train] seed``'s range)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 to 2**32 - 1")
+    return v
+
+
 def _load_config(path: Path | None) -> config.Config:
     """``--config`` if given; else ./config.toml when present; else the defaults."""
     if path is None:
@@ -63,6 +74,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from detector import replay
 
+    if args.model is not None:  # they shape a fit, and --model has none: refused, not ignored
+        for flag, value in (("--save-model", args.save_model), ("--epochs", args.epochs), ("--seed", args.seed)):
+            if value is not None:
+                raise InputError(flag, "only with --train-rows (--model scores with a trained bundle)")
+    if args.out.is_dir():
+        raise InputError(str(args.out), "is a directory; --out names the SCORES.csv file to write")
     cfg = _overrides(_load_config(args.config), args)
     replay.run(args.data, args.out, cfg, model=args.model, train_rows=args.train_rows,
                features=args.features, time_column=args.time_column, save_model=args.save_model)
@@ -111,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config file (default: ./config.toml if present, else built-in defaults)")
         sp.add_argument("--epochs", type=_positive_int, metavar="N",
                         help="maximum training epochs (early stopping may end sooner)")
-        sp.add_argument("--seed", type=int, metavar="N", help="random seed for training")
+        sp.add_argument("--seed", type=seed, metavar="N", help="random seed for training")
 
     t = sub.add_parser(
         "train", help="train a model bundle from CSV/Parquet files",

@@ -190,7 +190,7 @@ class AlertsConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
-    # "" would listen on every interface: say "0.0.0.0" (or "::") to mean that.
+    # "" would listen on every interface: say "0.0.0.0" (or "::", IPv6 and IPv4) to mean that.
     address: str = field(default="127.0.0.1", metadata=_check(
         lambda v: v != "", 'must not be empty (use "0.0.0.0" to listen on every interface)'))
     port: int = field(default=9108, metadata=_port())

@@ -162,19 +162,25 @@ def read_csv(path: Path, features: list[str] | None = None,
         raise InputError(source, "empty file (expected a header row)")
     delimiter = ";" if lines[0].count(";") > lines[0].count(",") else ","
     reader = csv.reader(lines, delimiter=delimiter)
-    header = [h.strip() for h in next(reader)]
+    try:
+        header = [h.strip() for h in next(reader)]
+    except csv.Error as err:
+        raise InputError(f"{source}:1", f"unreadable CSV header: {err}") from None
     if len(set(header)) != len(header):
         raise InputError(source, "duplicate column names in the header")
     rows: list[list[str]] = []
     line_of: list[int] = []
-    for lineno, row in enumerate(reader, start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != len(header):
-            raise InputError(f"{source}:{lineno}",
-                             f"{len(row)} fields, the header has {len(header)}")
-        rows.append(row)
-        line_of.append(lineno)
+    try:
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise InputError(f"{source}:{lineno}",
+                                 f"{len(row)} fields, the header has {len(header)}")
+            rows.append(row)
+            line_of.append(lineno)
+    except csv.Error as err:  # a field over the csv module's limit (131072 characters), a stray NUL
+        raise InputError(f"{source}:{reader.line_num}", f"unreadable CSV: {err}") from None
     return _assemble(source, header, rows, line_of, features, time_column)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import socket
 import tempfile
 import threading
@@ -23,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from detector import config as config_mod
 from detector import plant
 from detector.daemon import Daemon, setup_logging
+from detector.errors import InputError
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "plant"
 
@@ -53,21 +55,36 @@ def _print_alert(msg: mqtt.MQTTMessage) -> None:
         print(f"alert on {msg.topic}: {msg.payload!r}", flush=True)
 
 
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 to 65535")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=4, help="simulated pumps (default 4)")
     p.add_argument("--rate", type=float, default=5.0, help="readings per second per pump (default 5)")
     p.add_argument("--fault-every", type=float, default=30.0, metavar="S",
                    help="mean seconds between injected faults per pump (default 30)")
     p.add_argument("--duration", type=float, metavar="S", help="stop S seconds after the daemon is ready (default: Ctrl-C)")
-    p.add_argument("--mqtt-port", type=int, default=1883, help="embedded broker port (default 1883, "
+    p.add_argument("--mqtt-port", type=_port, default=1883, help="embedded broker port (default 1883, "
                                                                 "or a free one if taken)")
-    p.add_argument("--metrics-port", type=int, default=9108, help="metrics port (default 9108, "
+    p.add_argument("--metrics-port", type=_port, default=9108, help="metrics port (default 9108, "
                                                                    "or a free one if taken)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from detector.simulate import SimConfig, Simulator
+    from detector.simulate import SimConfig, SimError, Simulator
 
+    try:  # judged before anything starts: a bad value is one line and exit 2
+        SimConfig(streams=args.streams, rate=args.rate, fault_every=args.fault_every,
+                  duration=args.duration).validate()
+    except SimError as err:
+        raise InputError("demo", str(err)) from None
     state = Path(tempfile.mkdtemp(prefix="anomaly-detector-demo-"))
     base = config_mod.Config()
     cfg = dataclasses.replace(
@@ -82,10 +99,13 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(cfg)
     daemon = Daemon(cfg, None, on_ready=lambda: _start_side(daemon, args, SimConfig, Simulator))
     print(f"demo: embedded MQTT broker on 127.0.0.1:{cfg.mqtt.port}; "
-          f"metrics on http://127.0.0.1:{cfg.metrics.port}/metrics; state in {state}", flush=True)
+          f"metrics on http://127.0.0.1:{cfg.metrics.port}/metrics; state in {state} (removed at the end)", flush=True)
     print(f"demo: {args.streams} simulated pumps on sensors/plant/pump-<i>, {args.rate:g} readings/s each, "
           f"model {SHIPPED}; alerts on anomalies/#. Ctrl-C to stop.", flush=True)
-    code = daemon.run()
+    try:
+        code = daemon.run()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)  # a demo's state is not worth keeping
     print("demo: stopped", flush=True)
     return code
 

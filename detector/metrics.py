@@ -7,6 +7,7 @@ thousands of streams they would be the costliest thing the daemon exports.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,7 +137,14 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
                 pass
 
-        self._server = ThreadingHTTPServer((address, port), Handler)
+        # The address's own family (prometheus_client's start_http_server does the same):
+        # ThreadingHTTPServer alone is IPv4, and "::" or "::1" failed to bind.
+        try:
+            family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+        except socket.gaierror:
+            family = socket.AF_INET  # the bind below then says what is wrong with the address
+        server = type("Server", (ThreadingHTTPServer,), {"address_family": family})
+        self._server = server((address, port), Handler)
         self._server.daemon_threads = True
         # stop() waits up to one poll interval: short, as it counts against the shutdown budget.
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},

@@ -30,13 +30,16 @@ def write_scores(path: Path, table: Table, scored: Scored) -> None:
     def num(v: float) -> str:
         return "" if math.isnan(v) else repr(float(v))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["timestamp", *table.features, "error", "score", "anomaly"])
-        for i in range(len(table)):
-            w.writerow([table.time_text[i], *(num(v) for v in table.values[i]),
-                        num(scored.error[i]), num(scored.score[i]), int(scored.flag[i])])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["timestamp", *table.features, "error", "score", "anomaly"])
+            for i in range(len(table)):
+                w.writerow([table.time_text[i], *(num(v) for v in table.values[i]),
+                            num(scored.error[i]), num(scored.score[i]), int(scored.flag[i])])
+    except OSError as err:
+        raise InputError(str(path), f"cannot write: {err.strerror or err}") from None
 
 
 def run(data: Path, out: Path, cfg: Config, model: Path | None = None, train_rows: int | None = None,

@@ -73,6 +73,7 @@ class SimConfig:
                   (self.protocol in ("3.1.1", "5"), "mqtt version must be 3.1.1 or 5"),
                   (self.period >= 2, "period must be >= 2"),
                   (self.fault_warmup >= 0, "fault-warmup must be >= 0"),
+                  (0 <= self.seed < 2**32, "seed must be 0 to 2**32 - 1"),
                   (1 <= self.port <= 65535, f"bad port {self.port}"),
                   (bool(self.topic_prefix) and not set("+#") & set(self.topic_prefix),
                    f"bad topic prefix {self.topic_prefix!r}")]
@@ -271,7 +272,7 @@ class Simulator:
             if step:
                 due += step
                 if due > time.monotonic():
-                    stop.wait(due - time.monotonic())
+                    stop.wait(min(due, deadline) - time.monotonic())  # --duration ends a slow pace too
 
     @staticmethod
     def _settle(pending: deque[tuple[mqtt.MQTTMessageInfo, int]], stats: SimStats,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -99,6 +100,15 @@ def _windows(segs: list[np.ndarray], kind: str, seq_len: int,
     return np.stack(xs), np.stack(ys), np.stack(ws)
 
 
+def _writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise InputError(str(out), f"cannot write the bundle there: {err.strerror or err}") from None
+
+
 def _scale(segs: list[np.ndarray], scaler: Scaler) -> list[np.ndarray]:
     return [np.clip(scaler.transform(s), -INPUT_CLIP, INPUT_CLIP).astype(np.float32) for s in segs]
 
@@ -121,11 +131,21 @@ def fit(tables: list[Table], out: Path, cfg: Config, name: str | None = None,
     if prep.rows_used < MIN_ROWS:
         raise InputError(tables[0].source, f"{prep.rows_used} usable rows; training needs at least {MIN_ROWS}")
     train_segs, val_segs = _split(segs, tc.validation_fraction)
+    if not train_segs:
+        raise InputError("[train] validation_fraction",
+                         f"{tc.validation_fraction:g} of {prep.rows_used} rows leaves none to train on")
     scaler = Scaler.fit(np.concatenate(train_segs))
     tr, va = _scale(train_segs, scaler), _scale(val_segs, scaler)
     burn_in = min(tc.burn_in, max(len(s) for s in tr) // 4)
     seq_len = min(tc.seq_len, max(len(s) for s in tr))
-    x, y, w = _windows(tr, mc.kind, seq_len, burn_in)
+    try:
+        x, y, w = _windows(tr, mc.kind, seq_len, burn_in)
+    except ValueError:
+        raise InputError(tables[0].source, "no stretch of rows long enough to train on: gaps and missing "
+                                           "values split the data into single rows (features sampled "
+                                           "at different rates?); raise [train] max_fill or choose "
+                                           "--features") from None
+    _writable(out)  # the data judged usable: the place to write to next, before the training
     try:
         xv, yv, wv = _windows(va, mc.kind, min(seq_len, max(len(s) for s in va)), min(burn_in, 2))
     except ValueError:
@@ -164,6 +184,9 @@ def fit(tables: list[Table], out: Path, cfg: Config, name: str | None = None,
         callbacks=[keras.callbacks.EarlyStopping(monitor=monitor, patience=tc.patience,
                                                  restore_best_weights=True), Progress()])
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    if not all(np.isfinite(v) for v in history.get("loss", [])):
+        raise InputError("[train] learning_rate", f"training diverged (loss {history['loss'][-1]}) at "
+                                                  f"learning_rate {tc.learning_rate:g}: lower it")
     weights = kmodel.export_weights(net)
     rt = NumpyRuntime(weights)
 

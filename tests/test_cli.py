@@ -29,6 +29,13 @@ def one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> Non
         assert n in lines[0], lines[0]
 
 
+def error_after_progress(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """``one_line_error`` for train, which logs its progress (the data's summary) first."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("anomaly-detector: error: ") and all(n in last for n in needles), last
+
+
 @pytest.fixture(scope="module")
 def small_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("cfg") / "config.toml"
@@ -103,6 +110,46 @@ def test_bad_csv_exits_2_with_one_line_naming_file_and_problem(tmp_path: Path, c
     bad.write_text(content, encoding="utf-8")
     proc = run("train", "--data", str(bad), "--out", str(tmp_path / "m"))
     one_line_error(proc, str(bad), needle)
+
+
+def test_more_bad_input_exits_2_with_one_line(tmp_path: Path, data_dir: Path, bundle_dir: Path) -> None:
+    normal = str(data_dir / "normal.csv")
+    # a cell over the csv module's limit
+    big = tmp_path / "big.csv"
+    big.write_text("timestamp,a\n2020-01-01 00:00:00," + "1" * 200_000 + "\n", encoding="utf-8")
+    one_line_error(run("replay", "--model", str(bundle_dir), "--data", str(big), "--out", str(tmp_path / "s.csv")),
+                   f"{big}:2", "unreadable CSV")
+    # features sampled at different rates: after the missing-value policy only single rows
+    rates = tmp_path / "rates.csv"
+    rates.write_text("timestamp,temp,pressure\n" + "".join(
+        f"2020-01-01 00:{i // 60:02d}:{i % 60:02d},{i % 7},{i % 5 if i % 10 == 0 else ''}\n" for i in range(600)),
+        encoding="utf-8")
+    error_after_progress(run("train", "--data", str(rates), "--out", str(tmp_path / "m")),
+                         f"{rates}: no stretch of rows", "max_fill")
+    assert not (tmp_path / "m").exists()
+    # outputs that cannot be written: refused before any training or scoring
+    (tmp_path / "afile").write_text("", encoding="utf-8")
+    error_after_progress(run("train", "--data", normal, "--out", str(tmp_path / "afile")), "afile", "cannot write")
+    one_line_error(run("replay", "--model", str(bundle_dir), "--data", normal, "--out", str(tmp_path)),
+                   "is a directory")
+    # arguments that --model would ignore, and values out of range
+    one_line_error(run("replay", "--model", str(bundle_dir), "--data", normal, "--out", str(tmp_path / "s.csv"),
+                       "--seed", "3"), "--seed", "only with --train-rows")
+    for args, needle in ((("train", "--data", normal, "--out", str(tmp_path / "m"), "--seed", "-1"), "--seed"),
+                         (("demo", "--mqtt-port", "70000"), "--mqtt-port"),
+                         (("demo", "--streams", "0"), "streams must be >= 1"),
+                         (("simulate", "--seed", "-1"), "seed must be")):
+        proc = run(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and needle in proc.stderr, proc.stderr
+
+
+def test_training_that_diverges_is_one_line_naming_the_learning_rate(tmp_path: Path, data_dir: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[model]\nhidden = 8\nbottleneck = 4\n[train]\nseq_len = 32\nlearning_rate = 1e30\n",
+                   encoding="utf-8")
+    proc = run("train", "--data", str(data_dir / "normal.csv"), "--out", str(tmp_path / "m"), "--config", str(cfg),
+               "--epochs", "2")
+    error_after_progress(proc, "[train] learning_rate: training diverged")
 
 
 def test_missing_feature_is_named(tmp_path: Path, data_dir: Path, bundle_dir: Path) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tomllib
 import typing
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,13 @@ def test_shipped_config_parses_to_the_defaults_but_its_model_route() -> None:
     shipped, defaults = config.load(ROOT / "config.toml"), config.parse({})
     assert shipped.models and not defaults.models
     assert dataclasses.replace(shipped, models=(), base_dir=defaults.base_dir) == defaults
+    # ... and every key is there, written out (a missing one parses to its default too).
+    raw = tomllib.loads((ROOT / "config.toml").read_text(encoding="utf-8"))
+    for section in dataclasses.fields(config.Config):
+        if section.metadata.get("internal") or section.name == "models":
+            continue
+        keys = {f.name for f in dataclasses.fields(getattr(defaults, section.name))}
+        assert keys <= set(raw.get(section.name, {})), (section.name, keys - set(raw.get(section.name, {})))
 
 
 @pytest.mark.parametrize("text, needle", [

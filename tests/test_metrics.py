@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 import urllib.request
 
@@ -75,3 +76,20 @@ def test_observe_many_equals_one_observe_per_value() -> None:
     assert [x.rsplit(" ", 1)[0] for x in a] == [x.rsplit(" ", 1)[0] for x in b]
     for x, y in zip(a, b):
         assert float(x.rsplit(" ", 1)[1]) == pytest.approx(float(y.rsplit(" ", 1)[1]), rel=1e-12)
+
+
+def test_metrics_listen_on_an_ipv6_address() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    server = metrics.MetricsServer(metrics.create(), "::1", 0, lambda: (True, "ok"))
+    server.start()
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.port}/metrics", timeout=10) as r:
+            assert r.status == 200 and b"anomaly_detector_readings_total" in r.read()
+    finally:
+        server.stop()
