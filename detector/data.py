@@ -45,7 +45,7 @@ class Table:
 
 
 def parse_time(text: str) -> float:
-    """Epoch seconds (or milliseconds, told apart by size) or ISO 8601; naive means UTC."""
+    """Epoch seconds (or milli-, micro-, nanoseconds, told apart by size) or ISO 8601; naive means UTC."""
     s = text.strip()
     try:
         v = float(s)

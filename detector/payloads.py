@@ -9,8 +9,9 @@ and whose detail is one line for a rate-limited log. Accepted forms:
   ``"ts"``. Other keys are ignored, so publishers may add metadata (unit, seq, ...);
 - a batch: a JSON array of the above; items are judged one by one, valid ones kept in order.
 
-``ts`` is epoch seconds (above 1e11 it is milliseconds) or an ISO 8601 string (naive means
-UTC, ``Z`` accepted). Absent or ``null`` means the receive time (in a batch, plus 1 µs per position). Far past or future times
+``ts`` is epoch seconds (above 1e11 milliseconds, above 1e14 microseconds, above 1e17
+nanoseconds) or an ISO 8601 string (naive means UTC, ``Z`` accepted). Absent or ``null``
+means the receive time (in a batch, plus 1 µs per position). Far past or future times
 pass: the engine's policy decides about those. Feature names are not checked here: the
 worker matches them against the model.
 """

@@ -55,7 +55,9 @@ def run(data: Path, out: Path, cfg: Config, model: Path | None = None, train_row
             raise InputError(str(data), f"--train-rows {train_rows} but the file has {len(table)} rows")
         with tempfile.TemporaryDirectory(prefix="anomaly-detector-") as tmp:
             dest = save_model or Path(tmp) / Path(data).stem
-            b = train.fit([table.head(train_rows)], dest, cfg, name=Path(data).stem, log=log)
+            fit_log = log if save_model else (  # not "wrote" a folder deleted right after
+                lambda m: log(m.replace(f"wrote {dest}", "fitted a model (not kept; --save-model DIR keeps it)")))
+            b = train.fit([table.head(train_rows)], dest, cfg, name=Path(data).stem, log=fit_log)
     scored = score_table(table, b, cfg)
     write_scores(out, table, scored)
     reasons = Counter(scored.rejected.values())

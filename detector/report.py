@@ -44,7 +44,8 @@ def write(out: Path, b: "Bundle", history: dict[str, list[float]], val_errors: n
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key, vals in history.items():
         ax1.plot(range(1, len(vals) + 1), vals, label=key)
-    ax1.set_yscale("log")
+    if all(v > 0 for vals in history.values() for v in vals):  # constant data trains to a loss of 0
+        ax1.set_yscale("log")
     ax1.set_xlabel("epoch")
     ax1.set_title("training curve (MSE, scaled units)")
     ax1.legend()

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-# 1e11 s is the year 5138 and 1e11 ms is 1973: no realistic timestamp is ambiguous.
+# 1e11 s is the year 5138 and 1e11 ms is 1973: no realistic timestamp is ambiguous. Each
+# finer unit starts 1000 times higher (microseconds above 1e14, nanoseconds above 1e17:
+# what InfluxDB and Telegraf write), so none of them is read as a year in the far future.
 MS_THRESHOLD = 1e11
 
 
 def epoch_seconds(v: float) -> float:
-    """Epoch seconds from seconds or milliseconds, told apart by size."""
-    return v / 1000.0 if abs(v) > MS_THRESHOLD else v
+    """Epoch seconds from seconds, milliseconds, microseconds or nanoseconds, told apart
+    by size."""
+    a = abs(v)
+    if a <= MS_THRESHOLD:
+        return v
+    if a <= MS_THRESHOLD * 1e3:
+        return v / 1e3
+    if a <= MS_THRESHOLD * 1e6:
+        return v / 1e6
+    return v / 1e9
 
 
 def iso_epoch(text: str) -> float:

@@ -93,6 +93,7 @@ def test_replay_train_rows_is_deterministic(tmp_path: Path, data_dir: Path, smal
         proc = run("replay", "--train-rows", "300", "--data", str(data_dir / "faults.csv"),
                    "--out", str(out), "--config", str(small_config), "--seed", "7", *SMALL)
         assert proc.returncode == 0, proc.stderr
+        assert "fitted a model (not kept" in proc.stderr and "wrote /tmp/anomaly-detector-" not in proc.stderr
         outs.append(out.read_text())
     assert outs[0] == outs[1]
 

@@ -109,12 +109,21 @@ iso_ts = st.builds(
                  | st.integers(-23 * 60, 23 * 60).map(lambda m: timezone(timedelta(minutes=m)))),
     st.booleans(),
 ).map(lambda pair: (json.dumps(pair[0]), pair[1]))
+
+
+def _seconds(t: float) -> float:
+    """The contract's reading of a numeric ts: seconds up to 1e11, then milli-, micro- and
+    nanoseconds, each unit from 1000 times higher."""
+    a = abs(t)
+    return float(t) if a <= 1e11 else t / 1e3 if a <= 1e14 else t / 1e6 if a <= 1e17 else t / 1e9
+
+
 # JSON text of a ts and the epoch seconds it means; None: no "ts" key (the receive time).
 good_ts = st.one_of(
     st.none(),
     st.just(("null", RECEIVED)),
-    finite.map(lambda t: (json.dumps(t), t / 1000.0 if abs(t) > 1e11 else t)),  # far past/future too
-    st.integers(-(10**15), 10**15).map(lambda t: (str(t), t / 1000.0 if abs(t) > 1e11 else float(t))),
+    finite.map(lambda t: (json.dumps(t), _seconds(t))),  # far past/future too
+    st.integers(-(10**19), 10**19).map(lambda t: (str(t), _seconds(t))),
     iso_ts,
 )
 

@@ -86,6 +86,14 @@ def test_ms_threshold() -> None:
     assert one('{"value": 1, "ts": 100000000001}').ts == 100_000_000.001
 
 
+def test_microsecond_and_nanosecond_ts() -> None:
+    # What InfluxDB and Telegraf write: read as their units, not as milliseconds of a
+    # year in the far future.
+    assert one('{"value": 1, "ts": 1704067200123456}').ts == pytest.approx(TS_2024 + 0.123456)
+    assert one('{"value": 1, "ts": 1704067200123456789}').ts == pytest.approx(TS_2024 + 0.123457, abs=1e-5)
+    assert one('{"value": 1, "ts": 1e14}').ts == 1e11            # milliseconds up to 1e14
+
+
 @pytest.mark.parametrize("iso, expected", [
     ("2024-01-01T00:00:00Z", TS_2024),
     ("2024-01-01T00:00:00", TS_2024),                 # naive = UTC
