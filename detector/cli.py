@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,25 +25,22 @@ def _features(text: str) -> list[str]:
     return names
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return v
+def whole_number(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number from ``lo`` (to ``hi``), else one clear line."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{text!r} must be " + (f"{lo} to {hi}" if hi is not None
+                                                                       else f"> {lo - 1}"))
+        return v
+    return parse
 
 
-def seed(text: str) -> int:
-    """A random seed as numpy takes it: 0 to 2**32 - 1 (``[train] seed``'s range)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= v < 2**32:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 to 2**32 - 1")
-    return v
+_positive_int = whole_number(1)
+seed = whole_number(0, 2**32 - 1)  # what numpy takes, as [train] seed
 
 
 def _load_config(path: Path | None) -> config.Config:

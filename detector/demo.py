@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from detector import config as config_mod
 from detector import plant
+from detector.cli import whole_number
 from detector.daemon import Daemon, setup_logging
 from detector.errors import InputError
 
@@ -55,25 +56,15 @@ def _print_alert(msg: mqtt.MQTTMessage) -> None:
         print(f"alert on {msg.topic}: {msg.payload!r}", flush=True)
 
 
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 to 65535")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=4, help="simulated pumps (default 4)")
     p.add_argument("--rate", type=float, default=5.0, help="readings per second per pump (default 5)")
     p.add_argument("--fault-every", type=float, default=30.0, metavar="S",
                    help="mean seconds between injected faults per pump (default 30)")
     p.add_argument("--duration", type=float, metavar="S", help="stop S seconds after the daemon is ready (default: Ctrl-C)")
-    p.add_argument("--mqtt-port", type=_port, default=1883, help="embedded broker port (default 1883, "
+    p.add_argument("--mqtt-port", type=whole_number(1, 65535), default=1883, help="embedded broker port (default 1883, "
                                                                 "or a free one if taken)")
-    p.add_argument("--metrics-port", type=_port, default=9108, help="metrics port (default 9108, "
+    p.add_argument("--metrics-port", type=whole_number(1, 65535), default=9108, help="metrics port (default 9108, "
                                                                    "or a free one if taken)")
 
 
