@@ -66,7 +66,8 @@ class Event:
     model: dict[str, str]
     # Why an episode ended: "normal" (clear_readings normal readings in a row), "idle" or
     # "max_streams" (the stream was evicted while in it: nobody watches it any more, and
-    # an alert left open would stay open for ever). Empty for anomaly_start.
+    # an alert left open would stay open for ever), "model_changed" (a reload or a refit
+    # brought a model of another shape: the stream starts over). Empty for anomaly_start.
     reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -213,15 +214,28 @@ class Engine:
         self.weekday_mean[slots] = np.nan
         self.state[:, slots] = self._reset_row[:, None]
 
+    def _episode_ends(self, slots: np.ndarray, reason: str) -> list[Event]:
+        """An ``anomaly_end`` for each of ``slots``' streams that is in an episode, for an
+        episode that ends because the stream leaves this engine (``reason``), not because
+        a reading cleared it: no reading to judge, so its last ``ts`` and no score."""
+        nan = math.nan
+        return [Event(sid, "anomaly_end", float(self.state[_LAST_TS, slot]), nan, nan, nan, {}, self.model_ref,
+                      reason)
+                for slot in slots.tolist()
+                if (sid := self._stream_of[slot]) is not None and self.state[_IN_EPISODE, slot] > 0.0]
+
+    def episode_ends(self, reason: str) -> list[Event]:
+        """The ``anomaly_end`` of every stream held that is in an episode, for the caller to
+        publish when this engine's states are dropped (a model of another shape replaces
+        it): a subscriber's alert must not stay open for ever. Changes no state."""
+        return self._episode_ends(np.flatnonzero(self.state[_IN_EPISODE] > 0.0), reason)
+
     def _release(self, slots: np.ndarray, reason: str) -> None:
+        self._ended.extend(self._episode_ends(slots, reason))  # its episode ends with it, said so
         for slot in slots.tolist():
             sid = self._stream_of[slot]
             if sid is None:
                 continue
-            if self.state[_IN_EPISODE, slot] > 0.0:  # its episode ends with it, said so
-                nan = math.nan
-                self._ended.append(Event(sid, "anomaly_end", float(self.state[_LAST_TS, slot]), nan, nan, nan,
-                                         {}, self.model_ref, reason))
             del self.slot_of[sid]
             self._stream_of[slot] = None
             self.state[_LAST_SEEN, slot] = -np.inf

@@ -31,7 +31,7 @@ from paho.mqtt.matcher import MQTTMatcher
 from detector import bundle, checkpoint
 from detector.alerts import alert_payload, alert_topic
 from detector.config import Config
-from detector.engine import Engine
+from detector.engine import Engine, Event
 from detector.intake import Intake, Raw
 from detector.metrics import Metrics, observe_many
 from detector.payloads import Message, Reading, decode_message
@@ -127,6 +127,7 @@ class Worker:
         by_path = {self._engine_paths[id(e)]: e for _, e in self.models.routes}
         routes = []
         paths: dict[int, Path] = {}
+        dropped: dict[int, Engine] = {}  # previous engines whose states did not fit, by id
         for r in cfg.models:
             path = cfg.resolve(r.path)
             eng = Engine(bundles[path], cfg.score, cfg.engine)
@@ -136,6 +137,7 @@ class Worker:
                     eng.restore(prev.snapshot())
                 except ValueError as err:
                     log.warning("model %s changed shape; its streams start over: %s", path, err)
+                    dropped[id(prev)] = prev
             paths[id(eng)] = path
             routes.append((r.match, eng))
         learned = self.models.learned
@@ -163,6 +165,10 @@ class Worker:
             self.metrics.model_info.labels(model=eng.bundle.name, version=eng.bundle.version,
                                            runtime=eng.rt.name).set(1)
         self._learned_info()
+        # Published once the new models are in (a failure above keeps the old ones, and
+        # their episodes go on): the streams start over, so their open alerts end here.
+        for prev in dropped.values():
+            self._publish(prev, prev.episode_ends("model_changed"))
 
     def _learned_info(self) -> None:
         """Learned models are one per stream: one ``model_info`` series for all of them
@@ -474,7 +480,13 @@ class Worker:
         observe_many(m.processing, time.time() - got.received[scored])
         if self.refits is not None and self.refits.enabled and self.models.learned.get(streams[0]) is eng:
             self.refits.observe(streams[0], ts[scored], values[scored], res.in_episode[scored])
-        for k, ev in enumerate(res.events):
+        self._publish(eng, res.events)
+
+    def _publish(self, eng: Engine, events: list[Event]) -> None:
+        """Publish ``eng``'s episode events as alerts, counted in ``alerts_total`` and
+        logged."""
+        m = self.metrics
+        for k, ev in enumerate(events):
             # None: refused, the outgoing queue is full (counted in dropped_alerts_total).
             if self.publish(alert_topic(self.cfg.alerts.topic_prefix, ev.stream),
                             alert_payload(ev, eng.rt.name)) is not None:
@@ -482,13 +494,14 @@ class Worker:
             if k < LOGGED_EVENTS:
                 if ev.reason in ("", "normal"):
                     log.info("%s %s score %.4f (model %s)", ev.event, ev.stream, ev.score, ev.model["name"])
-                else:
-                    log.info("%s %s: evicted in an episode (%s; model %s)", ev.event, ev.stream, ev.reason,
+                else:  # no reading ended it: the stream left the engine in the episode
+                    why = "its model changed shape" if ev.reason == "model_changed" else "evicted"
+                    log.info("%s %s: %s in an episode (%s; model %s)", ev.event, ev.stream, why, ev.reason,
                              ev.model["name"])
-        if len(res.events) > LOGGED_EVENTS:
+        if len(events) > LOGGED_EVENTS:
             # A fault every stream sees (a shared supply, a network outage) alerts on all of
             # them in one step: one line for the rest, not a line each (30 µs apiece).
-            rest = Counter(ev.event for ev in res.events[LOGGED_EVENTS:])
+            rest = Counter(ev.event for ev in events[LOGGED_EVENTS:])
             log.info("and %s in the same batch (model %s; each one is on its alert topic)",
                      ", ".join(f"{count} more {e}" for e, count in sorted(rest.items())), eng.model_ref["name"])
 
@@ -550,6 +563,7 @@ class Worker:
             eng.restore(prev.snapshot())
         except ValueError as err:
             log.warning("refitted model of %s changed shape; the stream starts over: %s", stream, err)
+            self._publish(prev, prev.episode_ends("model_changed"))  # its open alert ends with its state
         try:
             checkpoint.save(eng.bundle.path / "streams.npz", eng.snapshot())
         except OSError as err:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -13,6 +14,7 @@ import weakref
 from itertools import pairwise
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -346,3 +348,77 @@ def test_a_model_that_fails_costs_only_its_own_readings(caplog: pytest.LogCaptur
     assert metrics.registry.get_sample_value("anomaly_detector_dropped_readings_total",
                                              {"reason": "internal_error"}) == 2
     assert "error scoring 2 reading(s) with model plant" in caplog.text
+
+
+def _in_episode(worker: Worker, q: Intake, stream: str) -> float:
+    """Feed ``stream`` plant readings ending inside a pressure fault's episode; returns
+    the last one's ts."""
+    msgs = plant_messages(stream, 200, seed=5, fault_at=170)
+    for topic, payload in msgs:
+        q.put(Raw(topic, topic, payload, time.time()))
+    while q:
+        worker.step(0.0)
+    return float(json.loads(msgs[-1][1])["ts"])
+
+
+def _alerts(published: list[tuple[str, bytes]], event: str) -> list[dict[str, Any]]:
+    return [body for body in (json.loads(p) for _, p in published) if body["event"] == event]
+
+
+def test_a_reload_to_a_model_of_another_shape_ends_the_open_episodes(bundle_dir: Path) -> None:
+    # The shipped model (32 units) swapped for the test one (12): the states cannot carry
+    # over and the streams start over; the one in an episode says so, or its subscriber's
+    # alert would stay open for ever.
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}}),
+                  models=(ModelRoute("sensors/plant/+", str(PLANT_MODEL)),))
+    published: list[tuple[str, bytes]] = []
+    metrics = create()
+    q = Intake(1000)
+    worker = Worker(cfg, q, metrics, lambda t, p: published.append((t, p)) or True)
+    worker.install(cfg, load_models(cfg))
+    last_ts = _in_episode(worker, q, "sensors/plant/bad")
+    for topic, payload in plant_messages("sensors/plant/good", 50, seed=6):
+        q.put(Raw(topic, topic, payload, time.time()))
+    worker.step(0.0)
+    assert [a["stream"] for a in _alerts(published, "anomaly_start")] == ["sensors/plant/bad"]
+    assert not _alerts(published, "anomaly_end")
+
+    other = replace(cfg, models=(ModelRoute("sensors/plant/+", str(bundle_dir)),))
+    worker.install(other, load_models(other))
+    [end] = _alerts(published, "anomaly_end")
+    assert end["stream"] == "sensors/plant/bad" and end["reason"] == "model_changed"
+    assert end["ts"] == last_ts and end["score"] is None and end["features"] == {}
+    assert end["model"]["name"] == "plant"  # the model whose episode it was
+    assert published[-1][0] == "anomalies/sensors/plant/bad"
+    assert metrics.registry.get_sample_value("anomaly_detector_alerts_total", {"event": "anomaly_end"}) == 1
+    assert worker.models.routes[0][1].n_streams == 0  # they start over
+
+
+def test_a_refit_of_another_shape_ends_the_streams_open_episode(tmp_path: Path, bundle_dir: Path) -> None:
+    # A learned model refitted with another [model] shape (a config changed since it was
+    # learned): the stream starts over, and its open episode ends with an alert.
+    from detector import bundle as bundle_mod
+    from detector.learn import FitResult
+
+    old, new = tmp_path / "models" / "s-old", tmp_path / "models" / "s-new"
+    shutil.copytree(PLANT_MODEL, old)
+    shutil.copytree(bundle_dir, new)
+
+    class Refitted:  # the learner's side of a finished refit: only poll() is reached
+        def poll(self) -> list[FitResult]:
+            return [FitResult("site/pump", new, None, 1.0)]
+
+    cfg = replace(config_mod.parse({"state": {"dir": str(tmp_path)}}), models=())
+    published: list[tuple[str, bytes]] = []
+    metrics = create()
+    q = Intake(1000)
+    worker = Worker(cfg, q, metrics, lambda t, p: published.append((t, p)) or True, learner=Refitted())
+    worker.install(cfg, load_models(cfg))
+    worker.models.learned["site/pump"] = worker_mod.learned_engine(bundle_mod.load(old), cfg)
+    _in_episode(worker, q, "site/pump")
+    assert [a["stream"] for a in _alerts(published, "anomaly_start")] == ["site/pump"]
+    worker._collect_learned()
+    [end] = _alerts(published, "anomaly_end")
+    assert end["stream"] == "site/pump" and end["reason"] == "model_changed" and end["model"]["name"] == "plant"
+    assert worker.models.learned["site/pump"].bundle.path == new
+    assert metrics.registry.get_sample_value("anomaly_detector_refits_total") == 1
