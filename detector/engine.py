@@ -356,9 +356,14 @@ class Engine:
         if n:
             self._process(streams, ts_arr, vals, now, out)
         if self._ended:  # evicted before this call's readings were scored: their ends first
-            out.events[:0] = self._ended
-            self._ended = []
+            out.events[:0] = self.pop_ended()
         return out
+
+    def pop_ended(self) -> list[Event]:
+        """The ``anomaly_end`` of the streams evicted in an episode since the last call
+        (:meth:`process` returns them too), for a caller that evicts them itself."""
+        ended, self._ended = self._ended, []
+        return ended
 
     def _process(self, streams: Sequence[str], ts_arr: np.ndarray, vals: np.ndarray, now: float,
                  out: Scored) -> None:

@@ -85,7 +85,8 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
                              buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384), registry=reg),
         checkpoint_failures=Counter(name("checkpoint_failures"), "Checkpoints that could not be written",
                                     registry=reg),
-        learned_models=Gauge(name("learned_models"), "Streams scored by a model learned from the stream",
+        learned_models=Gauge(name("learned_models"), "Learned models in memory: streams scored by a model "
+                             "learned from the stream, seen within [engine] idle_timeout_s",
                              registry=reg),
         reload_failures=Counter(name("reload_failures"), "SIGHUP reloads that kept the old models",
                                 registry=reg),

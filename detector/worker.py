@@ -58,7 +58,10 @@ class Models:
     stream. Built at start and on reload."""
 
     routes: list[tuple[str, Engine]] = field(default_factory=list)  # (topic filter, engine)
-    learned: dict[str, Engine] = field(default_factory=dict)  # stream id -> its own engine
+    learned: dict[str, Engine] = field(default_factory=dict)  # stream id -> its own engine, in memory
+    # Learned models of streams gone silent: on disk only (still in learned.json), loaded
+    # again when their stream sends, so memory follows the live streams, not all ever seen.
+    unloaded: dict[str, Path] = field(default_factory=dict)  # stream id -> its bundle
 
 
 def load_models(cfg: Config) -> dict[Path, bundle.Bundle]:
@@ -66,13 +69,17 @@ def load_models(cfg: Config) -> dict[Path, bundle.Bundle]:
     return {cfg.resolve(r.path): bundle.load(cfg.resolve(r.path)) for r in cfg.models}
 
 
+def learned_engine_runtime(cfg: Config) -> str:
+    """The runtime of learned models' engines. One only ever steps one stream, a batch of
+    one, which "auto" serves with numpy anyway: not building ONNX Runtime's session too
+    saves memory: a learned stream's bundle and engine take ~120 KiB instead of ~310 (a
+    plant-sized model, 300 of them measured in one process)."""
+    return "numpy" if cfg.engine.runtime == "auto" else cfg.engine.runtime
+
+
 def learned_engine(b: bundle.Bundle, cfg: Config) -> Engine:
-    """The engine of one stream's learned model. It only ever steps one stream, a batch
-    of one, which "auto" serves with numpy anyway: not building ONNX Runtime's session
-    too saves memory: a learned stream's bundle and engine take ~120 KiB instead of ~310
-    (a plant-sized model, 300 of them measured in one process)."""
-    ecfg = replace(cfg.engine, runtime="numpy") if cfg.engine.runtime == "auto" else cfg.engine
-    return Engine(b, cfg.score, ecfg)
+    """The engine of one stream's learned model."""
+    return Engine(b, cfg.score, replace(cfg.engine, runtime=learned_engine_runtime(cfg)))
 
 
 @dataclass
@@ -105,6 +112,8 @@ class Worker:
         self._carried = 0
         self._linger = cfg.worker.linger_ms / 1000.0  # like the network thread's: set at start
         self._next_full_gc = 0.0  # monotonic time from which a full collection may run
+        self._next_idle_sweep = 0.0  # time.time() of the next sweep for silent streams (at start: the first loop)
+        self._loaded_at: dict[str, float] = {}  # learned stream -> time.time() its model came into memory
         self._stale_bundles: list[Path] = []  # refitted models' old bundles, deleted once learned.json is saved
         self._next_stamp = 0.0  # the earliest receive-time stamp a reading without ts may get
         self._per_msg = 1.0  # readings per message, a running mean: how many messages a step takes
@@ -172,12 +181,17 @@ class Worker:
 
     def _learned_info(self) -> None:
         """Learned models are one per stream: one ``model_info`` series for all of them
-        (no per-stream labels), and their number in ``learned_models``."""
+        (no per-stream labels), and the number in memory in ``learned_models``."""
         n = len(self.models.learned)
         self.metrics.learned_models.set(n)
+        rt = learned_engine_runtime(self.cfg)
         if n:
-            rt = next(iter(self.models.learned.values())).rt.name
             self.metrics.model_info.labels(model="learned", version="per-stream", runtime=rt).set(1)
+        else:  # all unloaded: none is loaded, as the series says
+            try:
+                self.metrics.model_info.remove("learned", "per-stream", rt)
+            except KeyError:
+                pass
 
     def _engines(self) -> list[Engine]:
         return [e for _, e in self.models.routes] + list(self.models.learned.values())
@@ -190,6 +204,12 @@ class Worker:
         # none learn), so a route added for a stream that had learned a model takes it over.
         first = min(self._matcher.iter_match(stream), key=_ORDER, default=None)
         target: Engine | str | None = first[1] if first is not None else self.models.learned.get(stream)
+        if target is None and stream in self.models.unloaded:  # back after a silence: from disk, not learned again
+            target = self._load_learned(stream)
+            if target is not None:
+                self._loaded_at[stream] = time.time()
+                self._learned_info()
+                log.info("loaded the learned model of %s again: %s", stream, target.bundle.path)
         if target is None and self.learner is not None and self.cfg.learn.enabled:
             target = LEARN
         if len(self._route_cache) >= self.cfg.engine.max_streams:
@@ -265,6 +285,8 @@ class Worker:
         if self.learner is not None:
             self._collect_learned()
             self._start_refits()
+        if time.time() >= self._next_idle_sweep:
+            self._sweep_idle()
         if time.monotonic() >= self._next_checkpoint:
             self.checkpoint(background=True)
             self._next_checkpoint = time.monotonic() + self.cfg.state.checkpoint_interval_s
@@ -505,6 +527,49 @@ class Worker:
             log.info("and %s in the same batch (model %s; each one is on its alert topic)",
                      ", ".join(f"{count} more {e}" for e, count in sorted(rest.items())), eng.model_ref["name"])
 
+    def _sweep_idle(self) -> None:
+        """Evict streams silent for ``[engine] idle_timeout_s`` from every engine, as an
+        engine does itself only when it scores: one that gets no reading any more (a
+        learned model's, whose one stream went silent) would otherwise keep them, and
+        their open episodes, for ever. Then unload the learned models left with no stream."""
+        now = time.time()
+        timeout = self.cfg.engine.idle_timeout_s
+        self._next_idle_sweep = now + timeout / 10.0  # the engines' own pace
+        for eng in self._engines():
+            evicted = eng.evict_idle(now)
+            if evicted:
+                self.metrics.evicted.labels(reason="idle").inc(evicted)
+                self._publish(eng, eng.pop_ended())
+        # Not used for idle_timeout_s: a model just learned or loaded again has no stream
+        # until its stream's next reading is scored. Models restored at start without a
+        # stream state count as unused since before the start.
+        idle = [s for s, e in self.models.learned.items()
+                if not e.n_streams and self._loaded_at.get(s, -math.inf) < now - timeout]
+        if idle:
+            self._unload_learned(idle)
+        self.metrics.streams.set(sum(e.n_streams for e in self._engines()))
+
+    def _unload_learned(self, streams: list[str]) -> None:
+        """Drop these streams' learned models from memory, keeping them on disk and in
+        ``learned.json``; a stream's next reading loads its model again."""
+        self.wait_checkpoint()  # a checkpoint being written must not bring a state file back
+        for stream in streams:
+            eng = self.models.learned.pop(stream)
+            self.models.unloaded[stream] = eng.bundle.path
+            self._loaded_at.pop(stream, None)
+            self._route_cache.pop(stream, None)
+            if self.refits is not None:
+                self.refits.forget(stream)  # its window of normal readings goes too (up to refit_window)
+            try:
+                # No stream state left: a restart must not restore the one from before the silence.
+                (eng.bundle.path / "streams.npz").unlink(missing_ok=True)
+            except OSError as err:
+                log.warning("removing the state file of %s's unloaded model failed: %s", stream, err)
+        self._learned_info()
+        log.info("unloaded %d learned model(s) whose streams were silent for %.0f s (kept on disk, loaded "
+                 "again when they send): %s", len(streams), self.cfg.engine.idle_timeout_s,
+                 ", ".join(streams[:LOGGED_EVENTS]) + (", ..." if len(streams) > LOGGED_EVENTS else ""))
+
     # ---- learn-from-stream -------------------------------------------------------
     def _learn(self, r: Reading) -> None:
         if r.value is not None:
@@ -539,17 +604,20 @@ class Worker:
             prev = self.models.learned.get(res.stream)
             if prev is not None:
                 self._swap_refit(res.stream, prev, eng)
+            # A refit started before its stream went silent may end after its model was unloaded.
+            prev_path = prev.bundle.path if prev is not None else self.models.unloaded.pop(res.stream, None)
             self.models.learned[res.stream] = eng
+            self._loaded_at[res.stream] = time.time()
             self._route_cache.pop(res.stream, None)
             self._learned_info()
-            if prev is not None and prev.bundle.path != eng.bundle.path:  # one bundle per stream on disk
+            if prev_path is not None and prev_path != eng.bundle.path:  # one bundle per stream on disk
                 # Deleted once learned.json no longer names it: until then (disk full) a
                 # crash would restore the stream from it.
-                self._stale_bundles.append(prev.bundle.path)
+                self._stale_bundles.append(prev_path)
             self._save_learned_index()
             if self.refits is not None:
                 self.refits.start(res.stream, eng.n_features, time.time())
-            if prev is not None:
+            if prev_path is not None:
                 self.metrics.refits.inc()
                 log.info("refitted the model of %s in %.0f s: %s", res.stream, res.seconds, res.bundle_path)
             else:
@@ -573,8 +641,9 @@ class Worker:
     def _save_learned_index(self) -> bool:
         """Write ``learned.json`` atomically when it changed; a failure (disk full) is
         logged and counted as a checkpoint failure, and the next checkpoint tries again."""
-        data = json.dumps({s: self._relative(e.bundle.path) for s, e in self.models.learned.items()},
-                          indent=1).encode()
+        paths = {s: e.bundle.path for s, e in self.models.learned.items()} | self.models.unloaded
+        # Sorted: a model moving in or out of memory does not change the file.
+        data = json.dumps({s: self._relative(paths[s]) for s in sorted(paths)}, indent=1).encode()
         path = self.state_dir / "learned.json"
         try:
             if not (path.is_file() and path.read_bytes() == data):
@@ -608,17 +677,26 @@ class Worker:
             log.warning("ignoring unreadable %s: %s", path, err)
             return 0
         for stream, bpath in index.items():
-            try:
-                # Relative paths are the state directory's; absolute ones (older files) as written.
-                eng = learned_engine(bundle.load(self.state_dir / bpath), self.cfg)
-            except Exception as err:
-                log.warning("learned model for %s not restored: %s", stream, err)
-                continue
-            self.models.learned[stream] = eng
-            if self.refits is not None:
-                self.refits.start(stream, eng.n_features, time.time())
+            # Relative paths are the state directory's; absolute ones (older files) as written.
+            self.models.unloaded[stream] = self.state_dir / bpath
+            self._load_learned(stream)
         self._learned_info()
         return len(self.models.learned)
+
+    def _load_learned(self, stream: str) -> Engine | None:
+        """Bring ``stream``'s learned model from disk into memory (at start, or when its
+        stream sends after its model was unloaded); a bundle that no longer loads is
+        forgotten, and the stream learns a model again."""
+        path = self.models.unloaded.pop(stream)
+        try:
+            eng = learned_engine(bundle.load(path), self.cfg)
+        except Exception as err:
+            log.warning("learned model for %s not loaded (the stream learns again): %s", stream, err)
+            return None
+        self.models.learned[stream] = eng
+        if self.refits is not None:
+            self.refits.start(stream, eng.n_features, time.time())
+        return eng
 
     def _start_refits(self) -> None:
         """Hand every learned stream whose refit is due, with its window of normal
@@ -658,7 +736,7 @@ class Worker:
             return False
         self.wait_checkpoint()
         snaps = [(path, eng.snapshot()) for path, eng in self._checkpoint_items()]
-        index_ok = not self.models.learned or self._save_learned_index()
+        index_ok = not (self.models.learned or self.models.unloaded) or self._save_learned_index()
         if background:
             self._writer = threading.Thread(target=self._write_checkpoint, args=(snaps,), name="checkpoint",
                                             daemon=True)

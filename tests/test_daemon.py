@@ -206,6 +206,48 @@ def test_a_stream_with_no_model_learns_one_and_is_then_scored(tmp_path: Path, br
         assert d.stop() == 0
 
 
+
+def test_a_learned_model_whose_stream_goes_silent_is_unloaded_and_loaded_again_from_disk(
+        tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
+    # One model in memory per stream ever seen would grow for ever: a silent stream's
+    # model leaves memory with its state, and comes back from disk, not from a new fit.
+    d = Daemon(tmp_path, broker.port, learn="warmup_readings = 200",
+               extra=SMALL_FIT + "[engine]\nidle_timeout_s = 5.0\n")
+    d.start()
+    stream = "sensors/site/quiet"
+    try:
+        _, values = plant.normal(400, seed=32)
+        t0 = time.time() - 400
+        msgs = [(stream, json.dumps({"ts": t0 + i, "value": float(values[i, 0])}).encode()) for i in range(400)]
+        publish_all(broker.port, msgs[:200])
+        wait_for(lambda: f"learned a model for {stream}" in d.logtext(), "a learned model", 300)
+        publish_all(broker.port, msgs[200:300])
+        wait_for(lambda: d.value("anomaly_detector_readings_total") >= 100, "learned stream scored")
+        assert d.value("anomaly_detector_learned_models") == 1
+
+        # Silent for idle_timeout_s: its state is evicted and its model unloaded, kept on disk.
+        wait_for(lambda: d.value("anomaly_detector_learned_models") == 0, "the silent stream's model unloaded")
+        assert "unloaded 1 learned model(s) whose streams were silent for 5 s" in d.logtext()
+        assert d.value('anomaly_detector_evicted_streams_total{reason="idle"}') == 1
+        assert 'model="learned"' not in d.metrics()  # model_info: none loaded
+        index = json.loads((tmp_path / "state" / "learned.json").read_text())
+        bundle_dir = tmp_path / "state" / index[stream]
+        assert list(index) == [stream] and (bundle_dir / "manifest.json").is_file()
+        assert not (bundle_dir / "streams.npz").exists()  # no state to restore after a restart
+
+        # Back: scored at once by the model loaded from disk, no reading collected, no fit.
+        publish_all(broker.port, msgs[300:])
+        wait_for(lambda: d.value("anomaly_detector_readings_total") >= 200, "scored again")
+        assert d.value("anomaly_detector_readings_total") == 200
+        assert d.value('anomaly_detector_dropped_readings_total{reason="learning"}') == 200
+        assert d.value('anomaly_detector_learn_fits_total{result="ok"}') == 1
+        assert d.logtext().count(f"learned a model for {stream}") == 1
+        assert f"loaded the learned model of {stream} again: " in d.logtext() and bundle_dir.name in d.logtext()
+    finally:
+        assert d.stop() == 0
+    assert json.loads((tmp_path / "state" / "learned.json").read_text()) == index
+    assert "Traceback" not in d.logtext()
+
 def test_demo_runs_prints_alerts_and_stops_cleanly() -> None:
     proc = subprocess.run([sys.executable, "-m", "detector", "demo", "--duration", "20", "--rate", "20",
                            "--fault-every", "3", "--mqtt-port", str(free_port()),

@@ -422,3 +422,24 @@ def test_a_refit_of_another_shape_ends_the_streams_open_episode(tmp_path: Path, 
     assert end["stream"] == "site/pump" and end["reason"] == "model_changed" and end["model"]["name"] == "plant"
     assert worker.models.learned["site/pump"].bundle.path == new
     assert metrics.registry.get_sample_value("anomaly_detector_refits_total") == 1
+
+
+def test_a_silent_streams_episode_ends_at_idle_timeout_though_its_model_gets_no_reading() -> None:
+    # An engine evicts idle streams only when it scores; the worker's sweep does it for
+    # engines that get no reading any more, so the open alert ends on time.
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}, "engine": {"idle_timeout_s": 2.0}}),
+                  models=(ModelRoute("sensors/plant/+", str(PLANT_MODEL)),))
+    published: list[tuple[str, bytes]] = []
+    metrics = create()
+    q = Intake(1000)
+    worker = Worker(cfg, q, metrics, lambda t, p: published.append((t, p)) or True)
+    worker.install(cfg, load_models(cfg))
+    last_ts = _in_episode(worker, q, "sensors/plant/quiet")
+    worker._between_batches()
+    assert not _alerts(published, "anomaly_end")
+    time.sleep(2.1)
+    worker._between_batches()
+    [end] = _alerts(published, "anomaly_end")
+    assert end["stream"] == "sensors/plant/quiet" and end["reason"] == "idle" and end["ts"] == last_ts
+    assert metrics.registry.get_sample_value("anomaly_detector_evicted_streams_total", {"reason": "idle"}) == 1
+    assert metrics.registry.get_sample_value("anomaly_detector_streams") == 0
