@@ -132,11 +132,12 @@ class Worker:
         """Use ``bundles`` for ``cfg``'s routes, keeping the state of every stream whose
         route (same ``match``, or same bundle) keeps a model of the same shape: a reload or
         a model swap must not make every stream start over."""
-        by_match = {m: e for m, e in self.models.routes}
+        old_routes = self.models.routes
+        by_match = {m: e for m, e in old_routes}
         by_path = {self._engine_paths[id(e)]: e for _, e in self.models.routes}
         routes = []
         paths: dict[int, Path] = {}
-        dropped: dict[int, Engine] = {}  # previous engines whose states did not fit, by id
+        kept: set[int] = set()  # previous engines whose states a new one took, by id
         for r in cfg.models:
             path = cfg.resolve(r.path)
             eng = Engine(bundles[path], cfg.score, cfg.engine)
@@ -144,9 +145,9 @@ class Worker:
             if prev is not None:
                 try:
                     eng.restore(prev.snapshot())
+                    kept.add(id(prev))
                 except ValueError as err:
                     log.warning("model %s changed shape; its streams start over: %s", path, err)
-                    dropped[id(prev)] = prev
             paths[id(eng)] = path
             routes.append((r.match, eng))
         learned = self.models.learned
@@ -174,10 +175,13 @@ class Worker:
             self.metrics.model_info.labels(model=eng.bundle.name, version=eng.bundle.version,
                                            runtime=eng.rt.name).set(1)
         self._learned_info()
-        # Published once the new models are in (a failure above keeps the old ones, and
-        # their episodes go on): the streams start over, so their open alerts end here.
-        for prev in dropped.values():
-            self._publish(prev, prev.episode_ends("model_changed"))
+        # A route removed, or its model now of another shape: the old engine's streams start
+        # over, so their open alerts end here. Published once the new models are in (a
+        # failure above keeps the old ones, and their episodes go on).
+        for _, prev in old_routes:
+            if id(prev) not in kept:
+                kept.add(id(prev))  # one engine may serve several routes: published once
+                self._publish(prev, prev.episode_ends("model_changed"))
 
     def _learned_info(self) -> None:
         """Learned models are one per stream: one ``model_info`` series for all of them

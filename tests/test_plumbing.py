@@ -394,6 +394,31 @@ def test_a_reload_to_a_model_of_another_shape_ends_the_open_episodes(bundle_dir:
     assert worker.models.routes[0][1].n_streams == 0  # they start over
 
 
+def test_a_reload_that_removes_a_route_ends_its_open_episodes(bundle_dir: Path) -> None:
+    # The route of a stream in an episode removed by a reload (the stream now matches
+    # another route): its old state is gone with the old engine, and so is its episode.
+    # A route kept with the same model keeps its episode open, and says nothing.
+    plant = ModelRoute("sensors/plant/+", str(PLANT_MODEL))
+    line = ModelRoute("sensors/line/+", str(PLANT_MODEL))
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}}), models=(plant, line))
+    published: list[tuple[str, bytes]] = []
+    q = Intake(1000)
+    worker = Worker(cfg, q, create(), lambda t, p: published.append((t, p)) or True)
+    worker.install(cfg, load_models(cfg))
+    _in_episode(worker, q, "sensors/plant/bad")
+    _in_episode(worker, q, "sensors/line/bad")
+    assert len(_alerts(published, "anomaly_start")) == 2
+
+    catch_all = ModelRoute("sensors/#", str(bundle_dir))
+    other = replace(cfg, models=(line, catch_all))
+    worker.install(other, load_models(other))
+    [end] = _alerts(published, "anomaly_end")
+    assert end["stream"] == "sensors/plant/bad" and end["reason"] == "model_changed"
+    assert worker.models.routes[0][1].n_streams == 1  # the line's stream kept its state
+    worker.install(other, load_models(other))  # the same routes again: nothing ends
+    assert len(_alerts(published, "anomaly_end")) == 1
+
+
 def test_a_refit_of_another_shape_ends_the_streams_open_episode(tmp_path: Path, bundle_dir: Path) -> None:
     # A learned model refitted with another [model] shape (a config changed since it was
     # learned): the stream starts over, and its open episode ends with an alert.
