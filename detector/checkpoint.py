@@ -16,6 +16,20 @@ from pathlib import Path
 import numpy as np
 
 
+def state_dir_problem(path: Path) -> str | None:
+    """Why the state directory ``path`` can never be created, without creating it (for
+    ``check-config``): it, or its nearest existing ancestor, is a file. Permissions are
+    not judged: check-config may run as another user than the service (and systemd's
+    ``StateDirectory=`` creates the folder at start); the daemon says so at start."""
+    p = Path(path).absolute()
+    if p.exists():
+        return None if p.is_dir() else "exists and is not a directory"
+    parent = next((a for a in p.parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"cannot be created: {parent} is not a directory"
+    return None
+
+
 def save(path: Path, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)

@@ -96,6 +96,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if cfg.mqtt.tls:
         ingest.tls_context(cfg)
     bundles = load_models(cfg)
+    from detector.checkpoint import state_dir_problem
+
+    state_dir = cfg.resolve(cfg.state.dir)
+    problem = state_dir_problem(state_dir)
+    if problem:
+        raise InputError(f"[state] dir {state_dir}", problem)
     print(f"{path}: ok ({len(bundles)} model bundle(s) checked)")
     return 0
 

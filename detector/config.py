@@ -335,6 +335,9 @@ def parse(raw: dict[str, Any], path: str = "config", base_dir: Path = Path("."))
                          "must not be above [score] threshold")
     if cfg.train.burn_in >= cfg.train.seq_len:
         raise InputError(f"{path}: [train] burn_in", "must be below [train] seq_len (no step would be trained)")
+    if cfg.mqtt.port == 0 and cfg.mqtt.host != "embedded":
+        raise InputError(f"{path}: [mqtt] port", "0 (any free port) only with host = \"embedded\"; "
+                                                 "a broker's port is 1-65535")
     if cfg.mqtt.reconnect_min_s > cfg.mqtt.reconnect_max_s:
         raise InputError(f"{path}: [mqtt] reconnect_min_s", "must not be above [mqtt] reconnect_max_s")
     if cfg.mqtt.password_file and cfg.mqtt.password_env:

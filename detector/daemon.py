@@ -74,6 +74,11 @@ class Daemon:
     def start(self) -> None:
         cfg = self.cfg
         bundles = load_models(cfg)
+        state_dir = cfg.resolve(cfg.state.dir)
+        try:  # before anything starts: a state dir that cannot exist is a config error, not a crash loop
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError("[state] dir", f"cannot create {state_dir}: {err.strerror or err}") from None
         host, port, protocol = cfg.mqtt.host, cfg.mqtt.port, None
         if host == "embedded":
             from detector.broker import EmbeddedBroker
@@ -85,8 +90,6 @@ class Daemon:
                 raise InputError("[mqtt] port", str(err)) from None
             host, port, protocol = "127.0.0.1", self.broker.port, "3.1.1"  # amqtt speaks 3.1.1
             log.info("embedded MQTT broker listening on 127.0.0.1:%d", port)
-        state_dir = cfg.resolve(cfg.state.dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
         if cfg.learn.enabled:
             from detector.learn import Learner
 

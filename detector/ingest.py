@@ -320,6 +320,13 @@ class MqttLink:
                 published = False
             if not published:
                 log.warning("offline status not acknowledged by the broker before disconnecting")
+        # QoS 1 alerts the broker has not acknowledged (it is away, or was too slow) go with
+        # the process: paho keeps them in memory only. Said and counted, not lost silently.
+        lost = self.unacknowledged()
+        if lost:
+            self._metrics.dropped_alerts.labels(reason="shutdown").inc(lost)
+            log.warning("%d alert(s) not acknowledged by the broker at shutdown: not delivered "
+                        "(dropped_alerts_total{reason=\"shutdown\"})", lost)
         self.client.disconnect()
         stopper = threading.Thread(target=loop_stop, args=(self.client,), name="mqtt-stop", daemon=True)
         stopper.start()
@@ -338,12 +345,7 @@ class MqttLink:
         (one message at a time) is never refused."""
         if retain:
             return self.client.publish(topic, payload, qos=1, retain=True)
-        while True:  # forget the alerts acknowledged since the last call
-            try:
-                self._unacked.discard(self._acks.get_nowait())
-            except queue.Empty:
-                break
-        if len(self._unacked) < self._max_queued:
+        if self.unacknowledged() < self._max_queued:
             info = self.client.publish(topic, payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:  # NO_CONN means queued: sent on reconnect
                 self._unacked.add(info.mid)
@@ -352,6 +354,15 @@ class MqttLink:
         self._drop_log.warning("alert_queue_full", f"alert queue full ({self._max_queued} alerts waiting for "
                                                    f"the broker, [alerts] max_queued): dropped an alert on {topic!r}")
         return None
+
+    def unacknowledged(self) -> int:
+        """Alerts published and not yet acknowledged by the broker (the acknowledgements
+        received so far are taken into account first)."""
+        while True:
+            try:
+                self._unacked.discard(self._acks.get_nowait())
+            except queue.Empty:
+                return len(self._unacked)
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: mqtt.ReasonCode,
                     props: object = None) -> None:
@@ -399,8 +410,15 @@ class MqttLink:
                       reasons: list[mqtt.ReasonCode], props: object = None) -> None:
         try:
             failed = [str(r) for r in reasons if r.is_failure]
+            if failed and len(failed) == len(reasons):
+                # Nothing will ever arrive (an ACL denies every filter): not "online", and
+                # /healthz stays 503 "not subscribed yet"; tried again at the next connect.
+                log.error("every subscription refused by the broker (its ACL?): %s; nothing will be "
+                          "scored", ", ".join(failed))
+                return
             if failed:
-                log.error("subscription refused: %s", ", ".join(failed))
+                log.error("subscription refused for %d of %d topic filters: %s", len(failed), len(reasons),
+                          ", ".join(failed))
             self.publish(self._cfg.alerts.status_topic, b"online", retain=True)
             self.subscribed.set()
         except Exception:

@@ -28,7 +28,7 @@ INVALID_REASONS = PAYLOAD_REASONS + ("bad_topic", "feature_mismatch", "duplicate
 DROPPED_REASONS = ("queue_full", "learning", "no_model", "internal_error", "shutdown")
 EVENTS = ("anomaly_start", "anomaly_end")
 EVICTION_REASONS = ("idle", "max_streams")
-ALERT_DROP_REASONS = ("queue_full",)
+ALERT_DROP_REASONS = ("queue_full", "shutdown")
 FIT_RESULTS = ("ok", "failed", "timeout")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -93,7 +93,8 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
         healthy=Gauge(name("healthy"), "1 while /healthz would answer 200 (worker alive, subscribed)",
                       registry=reg),
         dropped_alerts=Counter(name("dropped_alerts"), "Alerts not published, by reason (queue_full: the "
-                               "outgoing queue held [alerts] max_queued unacknowledged alerts)", ["reason"],
+                               "outgoing queue held [alerts] max_queued unacknowledged alerts; shutdown: "
+                               "still unacknowledged when the daemon stopped, the broker away)", ["reason"],
                                registry=reg),
         learn_fits=Counter(name("learn_fits"), "Learn-from-stream fits finished, by result "
                            "(ok, failed, timeout)", ["result"], registry=reg),

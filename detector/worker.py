@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import operator
+import os
 import shutil
 import threading
 import time
@@ -677,10 +678,25 @@ class Worker:
             return 0
         try:
             index = json.loads(path.read_text(encoding="utf-8"))
+            problem = "" if isinstance(index, dict) else \
+                f"not a JSON object (stream id -> bundle folder) but {type(index).__name__}"
         except (OSError, ValueError) as err:
-            log.warning("ignoring unreadable %s: %s", path, err)
+            problem = str(err)
+        if problem:
+            # Moved aside, not overwritten by the next save: it names the bundles (still in
+            # models/) that an operator may want back; their streams learn again meanwhile.
+            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            try:
+                os.replace(path, aside)
+            except OSError:
+                aside = path
+            log.error("unreadable %s (kept as %s; its streams learn again): %s", path, aside.name, problem)
             return 0
         for stream, bpath in index.items():
+            if not isinstance(bpath, str) or not bpath:
+                log.error("%s: entry %r is not a bundle folder (%r); that stream learns again",
+                          path.name, stream, bpath)
+                continue
             # Relative paths are the state directory's; absolute ones (older files) as written.
             self.models.unloaded[stream] = self.state_dir / bpath
             self._load_learned(stream)
@@ -715,12 +731,15 @@ class Worker:
                 log.info("refitting the model of %s on its last %d normal readings", stream, len(times))
 
     # ---- checkpoints -------------------------------------------------------------
-    def _checkpoint_path(self, key: str) -> Path:
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)[:80]
-        return self.state_dir / "checkpoints" / f"{safe}.npz"
+    def _checkpoint_path(self, name: str, index: int) -> Path:
+        """Route ``index``'s state file, named after its bundle folder; the name is cut
+        before the index, never the index itself, so two routes with long bundle names
+        never share a file (and names below 73 characters are as they always were)."""
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        return self.state_dir / "checkpoints" / f"{('route-' + safe)[:80 - len(f'-{index}')]}-{index}.npz"
 
     def _checkpoint_items(self) -> list[tuple[Path, Engine]]:
-        items = [(self._checkpoint_path("route-" + self._engine_paths[id(e)].name + f"-{i}"), e)
+        items = [(self._checkpoint_path(self._engine_paths[id(e)].name, i), e)
                  for i, (_, e) in enumerate(self.models.routes)]
         items += [(e.bundle.path / "streams.npz", e) for e in self.models.learned.values()]
         return items

@@ -268,3 +268,9 @@ def test_check_config_command_exits_2_with_one_line(tmp_path: Path, text: str, n
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert str(path) in lines[0] and needle in lines[0], lines[0]
+
+
+def test_port_0_only_with_the_embedded_broker() -> None:
+    assert config.parse({"mqtt": {"port": 0}}).mqtt.port == 0  # embedded: any free port
+    with pytest.raises(InputError, match=r"\[mqtt\] port.*only with host"):
+        config.parse({"mqtt": {"host": "broker.example", "port": 0}})

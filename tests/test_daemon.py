@@ -164,6 +164,18 @@ def test_bad_config_and_bad_model_exit_2_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "nope" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_state_dir_that_cannot_be_created_is_one_line_not_a_crash_loop(tmp_path: Path) -> None:
+    # exit 1 with a traceback made systemd restart it again and again; check-config said ok.
+    (tmp_path / "afile").write_text("")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[mqtt]\nport = 0\n[state]\ndir = "{tmp_path / "afile" / "state"}"\n')
+    for cmd in ("run", "check-config"):
+        proc = subprocess.run([sys.executable, "-m", "detector", cmd, "--config", str(cfg)],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 2 and "[state] dir" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_a_stream_with_no_model_learns_one_and_is_then_scored(tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
     d = Daemon(tmp_path, broker.port, learn="warmup_readings = 200", extra=SMALL_FIT)
     d.start()

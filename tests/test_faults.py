@@ -11,6 +11,7 @@ reconnecting), so that what happens before and after is decided by the test, not
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -603,3 +604,58 @@ def log_time(text: str, marker: str) -> float:
             stamp = line[:23]  # asctime: 2026-11-25 06:34:33,123
             return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
     raise AssertionError(f"no log line {marker!r}")
+
+
+# ---- 7. alerts the broker never acknowledged, refused subscriptions ----------------------
+def test_alerts_not_acknowledged_at_shutdown_are_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # paho keeps unacknowledged QoS 1 alerts in memory only: a stop while the broker is away
+    # loses them. That used to be silent, and alerts_total had counted them as published.
+    from detector import config as config_mod
+    from detector.ingest import MqttLink
+    from detector.intake import Intake
+    from detector.metrics import create
+
+    broker = own_mosquitto()
+    metrics = create()
+    cfg = config_mod.parse({"mqtt": {"reconnect_min_s": 1, "reconnect_max_s": 1}})
+    link = MqttLink(cfg, "127.0.0.1", broker.port, Intake(100), metrics)
+    link.start()
+    try:
+        wait_for(link.subscribed.is_set, "subscribed")
+        for i in range(2):  # delivered: not counted
+            info = link.publish(f"anomalies/s{i}", b"{}")
+            assert info is not None
+            info.wait_for_publish(10)
+        broker.stop()
+        wait_for(lambda: not link.connected.is_set(), "disconnected")
+        for i in range(3):
+            assert link.publish(f"anomalies/s{i}", b"{}") is not None  # queued for the reconnect
+    finally:
+        with caplog.at_level(logging.WARNING, logger="detector.mqtt"):
+            link.stop(2.0)
+        broker.stop()
+    dropped = metrics.registry.get_sample_value("anomaly_detector_dropped_alerts_total", {"reason": "shutdown"})
+    assert dropped == 3
+    assert "3 alert(s) not acknowledged by the broker at shutdown" in caplog.text
+
+
+def test_a_broker_refusing_every_subscription_leaves_the_daemon_unhealthy() -> None:
+    # An ACL that denies the filters (EMQX, HiveMQ, VerneMQ answer SUBACK 0x80; Mosquitto
+    # 2.0 grants them and drops the messages, so the broker's answer is given here).
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from detector import config as config_mod
+    from detector.ingest import MqttLink
+    from detector.intake import Intake
+    from detector.metrics import create
+
+    cfg = config_mod.parse({"mqtt": {"topics": ["a/#", "b/#"]}})
+    link = MqttLink(cfg, "127.0.0.1", 1, Intake(100), create())
+    refused, granted = ReasonCode(PacketTypes.SUBACK, identifier=0x80), ReasonCode(PacketTypes.SUBACK, identifier=1)
+    sent: list[tuple[str, bytes]] = []
+    link.publish = lambda topic, payload, retain=False: sent.append((topic, payload))  # type: ignore[method-assign]
+    link._on_subscribe(link.client, None, 1, [refused, refused])
+    assert not link.subscribed.is_set() and not sent  # not "online", /healthz 503 "not subscribed yet"
+    link._on_subscribe(link.client, None, 2, [granted, refused])  # one filter is something
+    assert link.subscribed.is_set() and sent == [(cfg.alerts.status_topic, b"online")]

@@ -468,3 +468,48 @@ def test_a_silent_streams_episode_ends_at_idle_timeout_though_its_model_gets_no_
     assert end["stream"] == "sensors/plant/quiet" and end["reason"] == "idle" and end["ts"] == last_ts
     assert metrics.registry.get_sample_value("anomaly_detector_evicted_streams_total", {"reason": "idle"}) == 1
     assert metrics.registry.get_sample_value("anomaly_detector_streams") == 0
+
+
+def test_long_bundle_names_never_share_a_checkpoint_file(tmp_path: Path) -> None:
+    # The name was cut at 80 characters after the route's index was appended: two routes
+    # on a bundle folder of 73+ characters wrote one file, and a restart lost one's states.
+    long = tmp_path / ("pump-model-line-a-temperature-pressure-flow-vibration-retrained-2026-11-24-v3" + "x" * 10)
+    shutil.copytree(PLANT_MODEL, long)
+    routes = (ModelRoute("sensors/linea/+", str(long)), ModelRoute("sensors/lineb/+", str(long)),
+              ModelRoute("sensors/plant/+", str(PLANT_MODEL)))
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}, "state": {"dir": str(tmp_path / "state")}}),
+                  models=routes)
+    worker = Worker(cfg, Intake(10), create(), lambda t, p: True)
+    worker.install(cfg, load_models(cfg))
+    names = [p.name for p, _ in worker._checkpoint_items()]
+    assert len(set(names)) == 3 and all(len(n) <= 84 for n in names)
+    assert names[0].endswith("-0.npz") and names[1].endswith("-1.npz")
+    assert names[2] == "route-plant-2.npz"  # short names as they always were: old checkpoints still restore
+
+
+@pytest.mark.parametrize("text", ['{"sensors/a/t": "models/a", ', "[]", '"models/a"'])
+def test_an_unreadable_learned_json_is_moved_aside_not_a_crash(tmp_path: Path, text: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "learned.json").write_text(text)
+    cfg = config_mod.parse({"state": {"dir": str(state)}})
+    worker = Worker(cfg, Intake(10), create(), lambda t, p: True)
+    with caplog.at_level(logging.ERROR, logger="detector.worker"):
+        assert worker.restore_learned() == 0
+    assert "unreadable" in caplog.text and "learned.json.corrupt-" in caplog.text
+    [aside] = [p for p in state.iterdir() if p.name.startswith("learned.json.corrupt-")]
+    assert aside.read_text() == text and not (state / "learned.json").exists()  # kept, not overwritten later
+
+
+def test_a_bad_learned_json_entry_is_skipped_and_the_others_load(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    state = tmp_path / "state"
+    shutil.copytree(PLANT_MODEL, state / "models" / "a")
+    (state / "learned.json").write_text(json.dumps({"sensors/a/t": "models/a", "sensors/b/t": None}))
+    cfg = config_mod.parse({"state": {"dir": str(state)}})
+    worker = Worker(cfg, Intake(10), create(), lambda t, p: True)
+    with caplog.at_level(logging.ERROR, logger="detector.worker"):
+        assert worker.restore_learned() == 1
+    assert list(worker.models.learned) == ["sensors/a/t"]
+    assert "'sensors/b/t' is not a bundle folder" in caplog.text
