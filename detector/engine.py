@@ -308,16 +308,23 @@ class Engine:
             snap[name] = snap[name].astype(_DTYPE[name])
         snap["streams"] = np.array([self._stream_of[s] for s in live.tolist()], dtype=str)
         snap["model"] = np.array([self.bundle.name, self.bundle.version], dtype=str)
+        snap["features"] = np.array(self.features, dtype=str)
         return snap
 
     def restore(self, snap: dict[str, np.ndarray]) -> int:
-        """Load a :meth:`snapshot` taken with a model of the same shape; returns the number
-        of streams restored. A different model version keeps the states (same shape, same
-        meaning of features) but each stream settles again before it can be flagged."""
+        """Load a :meth:`snapshot` taken with a model of the same shape and features (else
+        ValueError); returns the number of streams restored. A different model version
+        keeps the states (same shape, same features) but each stream settles again before
+        it can be flagged."""
         streams = [str(s) for s in snap["streams"].tolist()]
         if snap["h"].shape[1:] != self.h.shape[1:] or snap["pred"].shape[1:] != self.pred.shape[1:]:
             raise ValueError(f"state shape {snap['h'].shape[1:]}/{snap['pred'].shape[1:]} does not fit "
                              f"model {self.bundle.name} ({self.h.shape[1]} hidden, {self.n_features} features)")
+        # Same shape, other sensors (a model for other features swapped in): the state
+        # means nothing for them. Snapshots from before they named features are trusted.
+        if "features" in snap and [str(f) for f in snap["features"].tolist()] != list(self.features):
+            raise ValueError(f"state of features {[str(f) for f in snap['features'].tolist()]} does not fit "
+                             f"model {self.bundle.name} (features {list(self.features)})")
         same_model = [str(v) for v in snap["model"].tolist()] == [self.bundle.name, self.bundle.version]
         # The most recently seen streams, if not all fit; oldest first, so that making room
         # for them evicts the least recently seen of all.

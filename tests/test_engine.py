@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from detector import plant
 from detector.alerts import alert_payload
@@ -169,6 +170,19 @@ def test_restore_into_a_smaller_engine_keeps_the_most_recent_streams_it_can_hold
 def test_calibrated_threshold_is_reported_in_error_units(bundle) -> None:
     eng = Engine(bundle, replace(ScoreConfig(), threshold=0.999))
     assert np.isclose(bundle.calibration.score(np.array([eng.threshold_error]))[0], 0.999, atol=1e-6)
+
+
+def test_a_state_does_not_restore_into_a_model_of_other_features_of_the_same_shape(bundle) -> None:
+    # Same number of features and hidden size, other sensors: the state means nothing for
+    # them, so the streams start over (and the worker ends their open episodes).
+    first = Engine(bundle)
+    first.process(["a"], [1.0], _normal_rows(1, seed=3), now=100.0)
+    other = Engine(replace(bundle, manifest={**bundle.manifest, "features": [f"x_{f}" for f in bundle.features]}))
+    with pytest.raises(ValueError, match="does not fit"):
+        other.restore(first.snapshot())
+    snap = first.snapshot()
+    del snap["features"]  # a checkpoint written before snapshots named their features
+    assert other.restore(snap) == 1
 
 
 def test_snapshot_restore_continues_exactly_where_it_left_off(bundle, tmp_path) -> None:
