@@ -264,6 +264,25 @@ class Config:
         return p if p.is_absolute() else self.base_dir / p
 
 
+# What a SIGHUP reload applies (docs/operations.md, "What a reload applies"); any other
+# setting is read once, at start.
+RELOADED = frozenset({"models", "score", "engine", "alerts.topic_prefix", "worker.max_batch",
+                      "worker.max_wait_ms", "state.checkpoint_interval_s", "learn.enabled"})
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The settings that differ between ``old`` and ``new`` but a reload does not apply
+    (``[section] key``): a reload says so instead of letting an edit look applied."""
+    changed = []
+    for sec in dataclasses.fields(Config):
+        if sec.metadata.get("internal") or sec.name in RELOADED:
+            continue
+        a, b = getattr(old, sec.name), getattr(new, sec.name)
+        changed += [f"[{sec.name}] {key.name}" for key in dataclasses.fields(a)
+                    if f"{sec.name}.{key.name}" not in RELOADED and getattr(a, key.name) != getattr(b, key.name)]
+    return changed
+
+
 def _show(value: Any) -> str:
     """A value for a one-line message: repr escapes newlines; long values are cut."""
     text = repr(value)

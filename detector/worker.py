@@ -31,7 +31,7 @@ from paho.mqtt.matcher import MQTTMatcher
 
 from detector import bundle, checkpoint
 from detector.alerts import alert_payload, alert_topic
-from detector.config import Config
+from detector.config import Config, needs_restart
 from detector.engine import Engine, Event
 from detector.intake import Intake, Raw
 from detector.metrics import Metrics, observe_many
@@ -282,8 +282,12 @@ class Worker:
         if self._reload is not None:
             cfg, self._reload = self._reload, None
             try:
+                old = self.cfg
                 self.install(cfg, load_models(cfg))
                 log.info("reloaded: %d model route(s)", len(cfg.models))
+                restart = needs_restart(old, cfg)
+                if restart:
+                    log.warning("reload: changed, but applied only at a restart: %s", ", ".join(restart))
             except Exception as err:  # keep the models we have
                 log.error("reload failed, keeping the current models: %s", err)
                 self.metrics.reload_failures.inc()

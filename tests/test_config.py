@@ -274,3 +274,11 @@ def test_port_0_only_with_the_embedded_broker() -> None:
     assert config.parse({"mqtt": {"port": 0}}).mqtt.port == 0  # embedded: any free port
     with pytest.raises(InputError, match=r"\[mqtt\] port.*only with host"):
         config.parse({"mqtt": {"host": "broker.example", "port": 0}})
+
+
+def test_a_reload_names_the_changed_settings_it_does_not_apply() -> None:
+    old = config.parse({})
+    new = config.parse({"mqtt": {"topics": ["plant/#"]}, "alerts": {"max_queued": 5, "topic_prefix": "x"},
+                        "score": {"threshold": 0.9995}, "worker": {"max_wait_ms": 9, "queue_size": 10}})
+    assert config.needs_restart(old, new) == ["[mqtt] topics", "[alerts] max_queued", "[worker] queue_size"]
+    assert config.needs_restart(old, old) == []
