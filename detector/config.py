@@ -108,7 +108,8 @@ def _valid_stream_template(v: str) -> bool:
         return False
     # Plain fields only: a format spec or conversion ("{0:d}", "{topic:>99999}") would fail
     # or blow up per message at run time, where this check cannot name the key any more.
-    return bool(fields) and all((f == "topic" or f.isdigit()) and not spec and not conv
+    # ASCII digits only: str.format takes "²" for a key, not an index ("{²}" fails per message).
+    return bool(fields) and all((f == "topic" or (f.isascii() and f.isdigit())) and not spec and not conv
                                 for f, spec, conv in fields)
 
 

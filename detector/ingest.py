@@ -377,7 +377,7 @@ class MqttLink:
             return topic
         try:
             return template.format(*topic.split("/"), topic=topic)
-        except IndexError:
+        except (IndexError, KeyError):  # too few levels (a KeyError only if the config check missed one)
             return None
 
     # ---- paho callbacks (network thread: never raise) ---------------------------

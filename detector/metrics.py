@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -110,6 +111,12 @@ def create(registry: CollectorRegistry | None = None) -> Metrics:
     return m
 
 
+# A scrape or health check takes milliseconds; these bound what a client that does not
+# finish (or thousands that connect) can hold.
+HTTP_TIMEOUT_S = 10.0
+HTTP_MAX_CONNECTIONS = 64
+
+
 class MetricsServer:
     """``/metrics`` (Prometheus text format) and ``/healthz`` (200 when ``healthy()`` says
     so, else 503) on one address, served from a daemon thread."""
@@ -119,6 +126,14 @@ class MetricsServer:
         registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):
+            # A client that connects and sends nothing (or a byte a second) let go after
+            # this many seconds, not held for ever with its thread and file descriptor.
+            timeout = HTTP_TIMEOUT_S
+
+            def do_HEAD(self) -> None:  # health checks (wget --spider, curl -I) use HEAD
+                self._head_only = True
+                self.do_GET()
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -134,7 +149,8 @@ class MetricsServer:
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not getattr(self, "_head_only", False):
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
                 pass
@@ -145,8 +161,32 @@ class MetricsServer:
             family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
         except socket.gaierror:
             family = socket.AF_INET  # the bind below then says what is wrong with the address
-        server = type("Server", (ThreadingHTTPServer,), {"address_family": family})
-        self._server = server((address, port), Handler)
+        slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
+
+        class Server(ThreadingHTTPServer):
+            address_family = family
+            request_queue_size = 64  # the kernel's backlog: 5 made a burst of scrapers look like a SYN flood
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                # At most HTTP_MAX_CONNECTIONS at once, each a thread and a descriptor: the
+                # ones over it are closed at once, so clients of the metrics port can never
+                # take the descriptors that checkpoints, fits and the broker need.
+                if not slots.acquire(blocking=False):
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    slots.release()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
+
+        self._server = Server((address, port), Handler)
         self._server.daemon_threads = True
         # stop() waits up to one poll interval: short, as it counts against the shutdown budget.
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},

@@ -108,6 +108,7 @@ class Message:
 class Rejected:
     reason: str   # one of REASONS
     detail: str   # one line: what was wrong
+    count: int = 1  # readings it stands for (a whole batch refused at once: its items)
 
 
 class _Invalid(Exception):
@@ -224,7 +225,8 @@ def _batch(stream: str, items: list[Any], received: float,
     if not items:
         return None, [_reject(BAD_SHAPE, "empty batch")]
     if len(items) > max_batch:
-        return None, [_reject(BAD_SHAPE, f"batch of {len(items)} items, limit {max_batch}")]
+        # Its items counted, as a dropped message's are (item_count): the counts add up.
+        return None, [_reject(BAD_SHAPE, f"batch of {len(items)} items, limit {max_batch}", len(items))]
     columns = _common_batch(items)
     if columns is not None:
         return Message(stream, received, columns[0], columns[1], None), []
@@ -345,9 +347,9 @@ def _describe(x: Any) -> str:
     return repr(x)
 
 
-def _reject(reason: str, detail: str) -> Rejected:
+def _reject(reason: str, detail: str, count: int = 1) -> Rejected:
     # Details go to a log line and may quote attacker-controlled text: one line, bounded.
     detail = " ".join(detail[:2 * _DETAIL_MAX].split())
     if len(detail) > _DETAIL_MAX:
         detail = detail[:_DETAIL_MAX - 3] + "..."
-    return Rejected(reason, detail)
+    return Rejected(reason, detail, count)

@@ -83,6 +83,14 @@ def learned_engine(b: bundle.Bundle, cfg: Config) -> Engine:
     return Engine(b, cfg.score, replace(cfg.engine, runtime=learned_engine_runtime(cfg)))
 
 
+# Features a stream may have to learn a model from; wider readings need a [[models]] route.
+MAX_LEARN_FEATURES = 256
+
+
+def _shown(name: str) -> str:
+    """A topic or stream id for a log line: quoted, and cut (a topic level may be 64 KB)."""
+    return repr(name) if len(name) <= 160 else repr(name[:157]) + "..."
+
 @dataclass
 class Rows:
     """A group's readings as the engine takes them, with where they came from."""
@@ -92,6 +100,7 @@ class Rows:
     values: np.ndarray    # (n, features) in the model's feature order; absent features NaN
     received: np.ndarray  # time.time() of each reading's message
     mismatch: int = 0     # readings naming a feature the model lacks (or one value for many)
+    mismatched: str = ""  # the stream of one of them, for the log
 
 
 class Worker:
@@ -364,8 +373,8 @@ class Worker:
             self._next_stamp = stamp + (len(msg.ts) + len(rejected)) * 1e-6
             msg.received = raw.received  # the latency metrics' start: when it really came
         for r in rejected:
-            self.metrics.invalid.labels(reason=r.reason).inc()
-            self._invalid_log.warning(r.reason, f"invalid reading on {raw.topic!r}: {r.reason}: {r.detail}")
+            self.metrics.invalid.labels(reason=r.reason).inc(r.count)
+            self._invalid_log.warning(r.reason, f"invalid reading on {_shown(raw.topic)}: {r.reason}: {r.detail}")
         return msg
 
     def waiting(self) -> float:
@@ -391,9 +400,9 @@ class Worker:
                     groups[key] = group = (target, [])  # type: ignore[assignment]
                 group[1].append(msg)
             elif target == LEARN:
-                for r in msg.readings():
-                    self._learn(r)
-                learning += len(msg)  # collected for a fit, not scored
+                taken = sum(map(self._learn, msg.readings()))
+                learning += taken  # collected for a fit, not scored
+                no_model += len(msg) - taken
             else:
                 no_model += len(msg)
         if learning:
@@ -461,32 +470,35 @@ class Worker:
         streams: list[str] = []
         ts: list[float] = []
         received: list[float] = []
-        mismatch = 0
+        mismatch, mismatched = 0, ""
         for msg in group:
             for r in msg.readings():
                 values = r.values
                 if values is None:
                     if n_feat != 1:
-                        mismatch += 1
+                        mismatch, mismatched = mismatch + 1, r.stream
                         continue
                     row: Sequence[float] = (r.value,)  # type: ignore[assignment]
                 elif values.keys() <= every:
                     row = [values.get(f, nan) for f in feats]
                 else:
-                    mismatch += 1
+                    mismatch, mismatched = mismatch + 1, r.stream
                     continue
                 rows.append(row)
                 streams.append(r.stream)
                 ts.append(r.ts)
                 received.append(msg.received)
         return Rows(streams, np.array(ts, dtype=np.float64), np.array(rows, dtype=np.float64).reshape(-1, n_feat),
-                    np.array(received, dtype=np.float64), mismatch)
+                    np.array(received, dtype=np.float64), mismatch, mismatched)
 
     def _score(self, eng: Engine, group: list[Message], now: float) -> None:
         got = self._rows(eng, group)
         m = self.metrics
         if got.mismatch:
             m.invalid.labels(reason="feature_mismatch").inc(got.mismatch)
+            self._invalid_log.warning("feature_mismatch", f"invalid reading(s) on {_shown(got.mismatched)}: "
+                                      f"feature_mismatch: {got.mismatch} whose features are not model "
+                                      f"{eng.bundle.name}'s {eng.features}")
         n = len(got.streams)
         if not n:
             return
@@ -494,10 +506,14 @@ class Worker:
         evicted_before = dict(eng.evicted)
         res = eng.process(streams, ts, values, now=now)
         rejected: dict[str, int] = {}
-        for reason in res.rejected.values():
+        example: dict[str, int] = {}
+        for i, reason in res.rejected.items():
             rejected[reason] = rejected.get(reason, 0) + 1
+            example.setdefault(reason, i)
         for reason, k in rejected.items():
             m.invalid.labels(reason=reason).inc(k)
+            self._invalid_log.warning(reason, f"invalid reading(s) on {_shown(streams[example[reason]])}: "
+                                      f"{reason}: {k} in this batch (ts {ts[example[reason]]!r})")
         for reason, k in eng.evicted.items():
             if k > evicted_before.get(reason, 0):
                 m.evicted.labels(reason=reason).inc(k - evicted_before.get(reason, 0))
@@ -580,13 +596,22 @@ class Worker:
                  ", ".join(streams[:LOGGED_EVENTS]) + (", ..." if len(streams) > LOGGED_EVENTS else ""))
 
     # ---- learn-from-stream -------------------------------------------------------
-    def _learn(self, r: Reading) -> None:
+    def _learn(self, r: Reading) -> bool:
+        """Hand ``r`` to the learner; False when no model will be learned from it."""
         if r.value is not None:
             features, values = ["value"], np.array([r.value])
         else:
+            if len(r.values) > MAX_LEARN_FEATURES:  # type: ignore[arg-type]
+                # A buffer and a fit sized by whatever a writer sends: 6,000 keys made an id
+                # cost ~1 MB at its first reading (docs/security.md promises ~1.2 KB).
+                self._invalid_log.warning("learn_features", f"not learning {_shown(r.stream)}: {len(r.values)} "  # type: ignore[arg-type]
+                                          f"features, at most {MAX_LEARN_FEATURES} are learned from a stream "
+                                          f"(a [[models]] route scores it)")
+                return False
             features = sorted(r.values)  # type: ignore[arg-type]
             values = np.array([r.values[f] for f in features])  # type: ignore[index]
         self.learner.add(r.stream, r.ts, values, features)  # type: ignore[union-attr]
+        return True
 
     def _collect_learned(self) -> None:
         """Swap in finished fits. A failed fit (raised, died, timed out) leaves its stream

@@ -255,6 +255,7 @@ def test_shipped_config_parses_to_the_defaults_but_its_model_route() -> None:
     ("[mqtt]\ntopics = [\"sensors/#/x\"]\n", "[mqtt] topics:"),
     ("[alerts]\ntopic_prefix = \"$SYS\"\n", "[alerts] topic_prefix:"),
     ("[mqtt]\nstream_id = \"{topic:>999999}\"\n", "[mqtt] stream_id:"),
+    ("[mqtt]\nstream_id = \"{\u00b2}\"\n", "[mqtt] stream_id:"),  # a digit to isdigit(), a key to format
     ("[learn]\nwarmup_readings = 10\n", "[learn] warmup_readings: 10 must be >= 40"),
     ("[log]\nlevel = 3\n", "[log] level: expected str"),
     ("[[models]]\nmatch = \"a/#/b\"\npath = \"models/plant\"\n", "[models.0] match:"),

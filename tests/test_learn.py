@@ -65,8 +65,10 @@ def test_fit_from_stream(tmp_path: Path, tiny_cfg: config.Config, capfd: pytest.
         feed(lr, stream, 299)
         assert lr.stats["fits_started"] == 0 and lr.pending() == 1
         lr.add(stream, 1.0, np.zeros(4), plant.FEATURES)  # non-increasing ts: ignored
+        for k in range(500):  # ids still collecting: poll() checks only the running fit
+            lr.add(f"junk/{k}", 1.0, np.zeros(1), ["value"])
         feed(lr, stream, 400)  # the 300th reading starts the fit; the rest arrive while it runs
-        assert lr.stats["fits_started"] == 1
+        assert lr.stats["fits_started"] == 1 and lr._fitting == {stream}
         [res] = wait_results(lr)
         assert res.error is None, res.error
         assert res.stream == stream and res.seconds > 0
@@ -79,7 +81,7 @@ def test_fit_from_stream(tmp_path: Path, tiny_cfg: config.Config, capfd: pytest.
         assert learn.find_learned(tmp_path, stream) == res.bundle_path
         assert learn.find_learned(tmp_path, stream + "x") is None
         assert "epoch" not in capfd.readouterr().err  # the child's output stays in its log
-        assert lr.pending() == 0 and lr.stats["fits_ok"] == 1 and lr.poll() == []
+        assert lr.pending() == 500 and lr.stats["fits_ok"] == 1 and lr.poll() == [] and not lr._fitting
     finally:
         lr.close()
     assert no_children()

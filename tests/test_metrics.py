@@ -93,3 +93,26 @@ def test_metrics_listen_on_an_ipv6_address() -> None:
             assert r.status == 200 and b"anomaly_detector_readings_total" in r.read()
     finally:
         server.stop()
+
+
+def test_idle_clients_are_let_go_and_cannot_take_every_descriptor(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client that connects and sends nothing held a thread and a descriptor for ever:
+    # enough of them exhausted the process's descriptors, and checkpoints failed.
+    monkeypatch.setattr(metrics, "HTTP_TIMEOUT_S", 0.5)
+    server = metrics.MetricsServer(metrics.create(), "127.0.0.1", 0, lambda: (True, "ok"))
+    server.start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(metrics.HTTP_MAX_CONNECTIONS + 5):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
+        for s in idle:  # every one is closed by the server: over the cap at once, the rest timed out
+            assert s.recv(1) == b""
+        base = f"http://127.0.0.1:{server.port}"
+        assert get(base + "/healthz") == (200, "ok\n")
+        req = urllib.request.Request(base + "/healthz", method="HEAD")  # wget --spider, curl -I
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200 and resp.read() == b""
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()

@@ -347,3 +347,10 @@ def test_random_json_never_raises() -> None:
     rng = random.Random(0)
     for _ in range(3000):
         check(json.dumps(random_json(rng)).encode())
+
+
+def test_a_batch_over_the_limit_counts_every_item_it_refuses() -> None:
+    # Counted as one invalid reading, while the same message dropped at the queue counts
+    # its items (item_count): the readings did not add up.
+    readings, rejected = decode("s", json.dumps([1.0] * 10001).encode(), 0.0, max_bytes=1 << 20)
+    assert readings == [] and [(r.reason, r.count) for r in rejected] == [("bad_shape", 10001)]

@@ -513,3 +513,51 @@ def test_a_bad_learned_json_entry_is_skipped_and_the_others_load(tmp_path: Path,
         assert worker.restore_learned() == 1
     assert list(worker.models.learned) == ["sensors/a/t"]
     assert "'sensors/b/t' is not a bundle folder" in caplog.text
+
+
+def test_engine_rejections_and_feature_mismatches_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # Counted but never logged: an operator could not tell which stream misbehaves.
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}}),
+                  models=(ModelRoute("sensors/plant/+", str(PLANT_MODEL)),))
+    metrics = create()
+    q = Intake(100)
+    worker = Worker(cfg, q, metrics, lambda t, p: True)
+    worker.install(cfg, load_models(cfg))
+    now = time.time()
+    good = json.loads(plant_messages("sensors/plant/p1", 1, seed=1)[0][1])
+    for payload in (good, good, {"ts": now, "values": {"zzz": 1.0}}):  # the second a duplicate
+        q.put(Raw("sensors/plant/p1", "sensors/plant/p1", json.dumps(payload).encode(), now))
+    with caplog.at_level(logging.WARNING, logger="detector.mqtt"):
+        while q:
+            worker.step(0.0)
+    for reason in ("duplicate", "feature_mismatch"):
+        assert metrics.registry.get_sample_value("anomaly_detector_invalid_readings_total", {"reason": reason}) == 1
+        assert f"invalid reading(s) on 'sensors/plant/p1': {reason}" in caplog.text
+
+
+def test_a_stream_too_wide_to_learn_from_is_not_buffered(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # 6,000 keys in one reading made a learn buffer of ~1 MB per new id (docs: ~1.2 KB).
+    from detector.learn import Learner
+
+    cfg = replace(config_mod.parse({"state": {"dir": str(tmp_path)}}), models=())
+    metrics = create()
+    q = Intake(100)
+    learner = Learner(cfg, tmp_path / "models", 100)
+    worker = Worker(cfg, q, metrics, lambda t, p: True, learner=learner)
+    worker.install(cfg, load_models(cfg))
+    try:
+        wide = {"values": {f"f{i}": 0.0 for i in range(worker_mod.MAX_LEARN_FEATURES + 1)}}
+        narrow = {"values": {"a": 1.0, "b": 2.0}}
+        for stream, payload in (("wide/1", wide), ("narrow/1", narrow)):
+            q.put(Raw(stream, stream, json.dumps(payload).encode(), time.time()))
+        with caplog.at_level(logging.WARNING, logger="detector.mqtt"):
+            while q:
+                worker.step(0.0)
+        assert learner.pending() == 1  # the narrow one only
+        assert metrics.registry.get_sample_value("anomaly_detector_dropped_readings_total",
+                                                 {"reason": "no_model"}) == 1
+        assert metrics.registry.get_sample_value("anomaly_detector_dropped_readings_total",
+                                                 {"reason": "learning"}) == 1
+        assert "not learning 'wide/1': 257 features" in caplog.text
+    finally:
+        learner.close()
