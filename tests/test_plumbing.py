@@ -350,6 +350,20 @@ def test_a_model_that_fails_costs_only_its_own_readings(caplog: pytest.LogCaptur
     assert "error scoring 2 reading(s) with model plant" in caplog.text
 
 
+def _plant_worker(raw: dict[str, Any] | None = None, routes: tuple[ModelRoute, ...] | None = None,
+                  learner: Any = None) -> tuple[Worker, Intake, Any, list[tuple[str, bytes]]]:
+    """A worker on the shipped plant model (learning off unless ``raw`` says otherwise),
+    installed; its intake, metrics and the alerts it published."""
+    cfg = replace(config_mod.parse({"learn": {"enabled": False}, **(raw or {})}),
+                  models=routes if routes is not None else (ModelRoute("sensors/plant/+", str(PLANT_MODEL)),))
+    published: list[tuple[str, bytes]] = []
+    metrics = create()
+    q = Intake(1000)
+    worker = Worker(cfg, q, metrics, lambda t, p: published.append((t, p)) or True, learner=learner)
+    worker.install(cfg, load_models(cfg))
+    return worker, q, metrics, published
+
+
 def _in_episode(worker: Worker, q: Intake, stream: str) -> float:
     """Feed ``stream`` plant readings ending inside a pressure fault's episode; returns
     the last one's ts."""
@@ -369,13 +383,8 @@ def test_a_reload_to_a_model_of_another_shape_ends_the_open_episodes(bundle_dir:
     # The shipped model (32 units) swapped for the test one (12): the states cannot carry
     # over and the streams start over; the one in an episode says so, or its subscriber's
     # alert would stay open for ever.
-    cfg = replace(config_mod.parse({"learn": {"enabled": False}}),
-                  models=(ModelRoute("sensors/plant/+", str(PLANT_MODEL)),))
-    published: list[tuple[str, bytes]] = []
-    metrics = create()
-    q = Intake(1000)
-    worker = Worker(cfg, q, metrics, lambda t, p: published.append((t, p)) or True)
-    worker.install(cfg, load_models(cfg))
+    worker, q, metrics, published = _plant_worker()
+    cfg = worker.cfg
     last_ts = _in_episode(worker, q, "sensors/plant/bad")
     for topic, payload in plant_messages("sensors/plant/good", 50, seed=6):
         q.put(Raw(topic, topic, payload, time.time()))
@@ -400,11 +409,8 @@ def test_a_reload_that_removes_a_route_ends_its_open_episodes(bundle_dir: Path) 
     # A route kept with the same model keeps its episode open, and says nothing.
     plant = ModelRoute("sensors/plant/+", str(PLANT_MODEL))
     line = ModelRoute("sensors/line/+", str(PLANT_MODEL))
-    cfg = replace(config_mod.parse({"learn": {"enabled": False}}), models=(plant, line))
-    published: list[tuple[str, bytes]] = []
-    q = Intake(1000)
-    worker = Worker(cfg, q, create(), lambda t, p: published.append((t, p)) or True)
-    worker.install(cfg, load_models(cfg))
+    worker, q, _, published = _plant_worker(routes=(plant, line))
+    cfg = worker.cfg
     _in_episode(worker, q, "sensors/plant/bad")
     _in_episode(worker, q, "sensors/line/bad")
     assert len(_alerts(published, "anomaly_start")) == 2
@@ -433,12 +439,9 @@ def test_a_refit_of_another_shape_ends_the_streams_open_episode(tmp_path: Path, 
         def poll(self) -> list[FitResult]:
             return [FitResult("site/pump", new, None, 1.0)]
 
-    cfg = replace(config_mod.parse({"state": {"dir": str(tmp_path)}}), models=())
-    published: list[tuple[str, bytes]] = []
-    metrics = create()
-    q = Intake(1000)
-    worker = Worker(cfg, q, metrics, lambda t, p: published.append((t, p)) or True, learner=Refitted())
-    worker.install(cfg, load_models(cfg))
+    worker, q, metrics, published = _plant_worker({"state": {"dir": str(tmp_path)}, "learn": {"enabled": True}},
+                                                  routes=(), learner=Refitted())
+    cfg = worker.cfg
     worker.models.learned["site/pump"] = worker_mod.learned_engine(bundle_mod.load(old), cfg)
     _in_episode(worker, q, "site/pump")
     assert [a["stream"] for a in _alerts(published, "anomaly_start")] == ["site/pump"]
@@ -452,13 +455,7 @@ def test_a_refit_of_another_shape_ends_the_streams_open_episode(tmp_path: Path, 
 def test_a_silent_streams_episode_ends_at_idle_timeout_though_its_model_gets_no_reading() -> None:
     # An engine evicts idle streams only when it scores; the worker's sweep does it for
     # engines that get no reading any more, so the open alert ends on time.
-    cfg = replace(config_mod.parse({"learn": {"enabled": False}, "engine": {"idle_timeout_s": 2.0}}),
-                  models=(ModelRoute("sensors/plant/+", str(PLANT_MODEL)),))
-    published: list[tuple[str, bytes]] = []
-    metrics = create()
-    q = Intake(1000)
-    worker = Worker(cfg, q, metrics, lambda t, p: published.append((t, p)) or True)
-    worker.install(cfg, load_models(cfg))
+    worker, q, metrics, published = _plant_worker({"engine": {"idle_timeout_s": 2.0}})
     last_ts = _in_episode(worker, q, "sensors/plant/quiet")
     worker._between_batches()
     assert not _alerts(published, "anomaly_end")
@@ -517,12 +514,7 @@ def test_a_bad_learned_json_entry_is_skipped_and_the_others_load(tmp_path: Path,
 
 def test_engine_rejections_and_feature_mismatches_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     # Counted but never logged: an operator could not tell which stream misbehaves.
-    cfg = replace(config_mod.parse({"learn": {"enabled": False}}),
-                  models=(ModelRoute("sensors/plant/+", str(PLANT_MODEL)),))
-    metrics = create()
-    q = Intake(100)
-    worker = Worker(cfg, q, metrics, lambda t, p: True)
-    worker.install(cfg, load_models(cfg))
+    worker, q, metrics, _ = _plant_worker()
     now = time.time()
     good = json.loads(plant_messages("sensors/plant/p1", 1, seed=1)[0][1])
     for payload in (good, good, {"ts": now, "values": {"zzz": 1.0}}):  # the second a duplicate
