@@ -114,7 +114,8 @@ class Daemon:
                 raise InputError(f"[metrics] {cfg.metrics.address}:{cfg.metrics.port}",
                                  f"cannot listen: {err.strerror or err}") from None
             self.server.start()
-            log.info("metrics on http://%s:%d/metrics", cfg.metrics.address, self.server.port)
+            address = f"[{cfg.metrics.address}]" if ":" in cfg.metrics.address else cfg.metrics.address  # IPv6
+            log.info("metrics on http://%s:%d/metrics", address, self.server.port)
         self.worker.start()
         self.link.start()
 

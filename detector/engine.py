@@ -603,6 +603,18 @@ class Engine:
         st[_LAST_SEEN] = now
         self.state[:, slots] = st
 
+def snapshot_episode_ends(snap: dict[str, np.ndarray], reason: str) -> list[Event]:
+    """The ``anomaly_end`` of every stream in an episode in a :meth:`Engine.snapshot` that
+    will not be restored (a checkpoint that no longer fits its model at start): its
+    streams start over, and their subscribers' alerts must not stay open for ever."""
+    nan = math.nan
+    name, version = (str(v) for v in snap["model"].tolist())
+    model = {"name": name, "version": version}
+    return [Event(str(sid), "anomaly_end", float(ts), nan, nan, nan, {}, model, reason)
+            for sid, ts, on in zip(snap["streams"].tolist(), snap["last_ts"].tolist(), snap["in_episode"].tolist())
+            if on]
+
+
 def _codes(streams: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Each reading's stream as a small integer (its index in the distinct streams, in
     order of first appearance), and the distinct streams."""

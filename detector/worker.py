@@ -32,7 +32,7 @@ from paho.mqtt.matcher import MQTTMatcher
 from detector import bundle, checkpoint
 from detector.alerts import alert_payload, alert_topic
 from detector.config import Config, needs_restart
-from detector.engine import Engine, Event
+from detector.engine import Engine, Event, snapshot_episode_ends
 from detector.intake import Intake, Raw
 from detector.metrics import Metrics, observe_many
 from detector.payloads import Message, Reading, decode_message
@@ -826,6 +826,11 @@ class Worker:
                 restored += eng.restore(snap)
             except (ValueError, KeyError) as err:
                 log.error("checkpoint %s does not fit its model; starting fresh: %s", path, err)
+                try:  # the model changed while the daemon was stopped: open episodes end
+                    ends = snapshot_episode_ends(snap, "model_changed")
+                except (KeyError, ValueError):  # not even that much of it is readable
+                    ends = []
+                self._publish(eng, ends)  # queued by the MQTT client until it connects
         self.metrics.streams.set(sum(e.n_streams for e in self._engines()))  # scraped before any reading
         return restored
 

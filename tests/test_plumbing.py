@@ -553,3 +553,22 @@ def test_a_stream_too_wide_to_learn_from_is_not_buffered(tmp_path: Path, caplog:
         assert "not learning 'wide/1': 257 features" in caplog.text
     finally:
         learner.close()
+
+
+def test_a_checkpoint_that_no_longer_fits_at_start_ends_its_open_episodes(tmp_path: Path, bundle_dir: Path) -> None:
+    # The bundle in a route's folder replaced by one of another shape while the daemon was
+    # stopped: the streams start fresh, and an episode open at the stop ends with an alert.
+    model = tmp_path / "plant"
+    shutil.copytree(PLANT_MODEL, model)
+    state = {"state": {"dir": str(tmp_path / "state")}}
+    worker, q, _, _ = _plant_worker(state, routes=(ModelRoute("sensors/plant/+", str(model)),))
+    last_ts = _in_episode(worker, q, "sensors/plant/bad")
+    assert worker.checkpoint()
+
+    shutil.rmtree(model)
+    shutil.copytree(bundle_dir, model)
+    again, _, _, published = _plant_worker(state, routes=(ModelRoute("sensors/plant/+", str(model)),))
+    assert again.restore() == 0
+    [end] = _alerts(published, "anomaly_end")
+    assert end["stream"] == "sensors/plant/bad" and end["reason"] == "model_changed" and end["ts"] == last_ts
+    assert end["model"]["name"] == "plant"
