@@ -34,6 +34,9 @@ from detector.ratelog import RateLimitedLog
 
 log = logging.getLogger("detector.mqtt")
 
+# QoS 1 alerts in flight at once (unacknowledged), unless the broker allows fewer.
+MAX_INFLIGHT = 1000
+
 
 def _password(cfg: Config) -> str | None:
     m = cfg.mqtt
@@ -269,7 +272,7 @@ class MqttLink:
         self.client.max_queued_messages_set(self._max_queued + 16)
         # paho's default of 20 alerts in flight made a burst of alerts (one fault seen by a
         # hundred streams) wait for round trips behind the inflow: ~250 ms at 8k readings/s.
-        self.client.max_inflight_messages_set(1000)
+        self.client.max_inflight_messages_set(MAX_INFLIGHT)
         self.client.on_publish = self._on_publish
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
@@ -388,6 +391,14 @@ class MqttLink:
                 self._refused = True  # on_disconnect follows: this line says it all
                 log.error("broker %s:%d refused the connection: %s", self._host, self._port, reason)
                 return
+            # An MQTT 5 broker may allow fewer QoS 1 messages in flight than our 1,000; paho
+            # does not read its Receive Maximum, and going over it is a protocol error the
+            # broker answers by disconnecting us (in a burst of alerts, of all times). paho's
+            # setter refuses a connected client only for fear of a change to or from 0 (no
+            # limit), which this never is; its getter is what the tests check.
+            receive_max = getattr(props, "ReceiveMaximum", None)
+            valid = isinstance(receive_max, int) and receive_max > 0
+            client._max_inflight_messages = min(MAX_INFLIGHT, receive_max) if valid else MAX_INFLIGHT
             self.connected.set()
             self._metrics.mqtt_connected.set(1)
             log.info("connected to %s:%d", self._host, self._port)

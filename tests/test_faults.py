@@ -659,3 +659,29 @@ def test_a_broker_refusing_every_subscription_leaves_the_daemon_unhealthy() -> N
     assert not link.subscribed.is_set() and not sent  # not "online", /healthz 503 "not subscribed yet"
     link._on_subscribe(link.client, None, 2, [granted, refused])  # one filter is something
     assert link.subscribed.is_set() and sent == [(cfg.alerts.status_topic, b"online")]
+
+
+def test_alerts_in_flight_follow_an_mqtt5_brokers_receive_maximum() -> None:
+    # paho ignores the CONNACK's Receive Maximum; 1,000 alerts in flight against a broker
+    # that allows 5 is a protocol error it answers by disconnecting us.
+    from detector import config as config_mod
+    from detector.ingest import MAX_INFLIGHT, MqttLink
+    from detector.intake import Intake
+    from detector.metrics import create
+
+    broker = own_mosquitto("max_inflight_messages 5\n")
+    cfg = config_mod.parse({"mqtt": {"protocol": "5"}})
+    link = MqttLink(cfg, "127.0.0.1", broker.port, Intake(100), create())
+    link.start()
+    try:
+        wait_for(link.subscribed.is_set, "subscribed")
+        assert link.client.max_inflight_messages == 5
+        for i in range(50):  # a burst well over it is delivered, a few at a time
+            assert link.publish(f"anomalies/s{i}", b"{}") is not None
+        wait_for(lambda: link.unacknowledged() == 0, "every alert acknowledged")
+        assert link.connected.is_set()
+    finally:
+        link.stop(2.0)
+        broker.stop()
+    plain = MqttLink(config_mod.parse({}), "127.0.0.1", 1, Intake(100), create())
+    assert plain.client.max_inflight_messages == MAX_INFLIGHT
