@@ -232,6 +232,10 @@ class Engine:
 
     def _release(self, slots: np.ndarray, reason: str) -> None:
         self._ended.extend(self._episode_ends(slots, reason))  # its episode ends with it, said so
+        self._free_slots(slots)
+        self.evicted[reason] += len(slots)
+
+    def _free_slots(self, slots: np.ndarray) -> None:
         for slot in slots.tolist():
             sid = self._stream_of[slot]
             if sid is None:
@@ -240,7 +244,14 @@ class Engine:
             self._stream_of[slot] = None
             self.state[_LAST_SEEN, slot] = -np.inf
             self._free.append(slot)
-        self.evicted[reason] += len(slots)
+
+    def drop(self, streams: Sequence[str], reason: str) -> list[Event]:
+        """Forget ``streams``' states (those held) because another model scores them now,
+        not an eviction; returns the ``anomaly_end`` of those in an episode, to publish."""
+        slots = np.array([self.slot_of[s] for s in streams if s in self.slot_of], dtype=np.int64)
+        ends = self._episode_ends(slots, reason)
+        self._free_slots(slots)
+        return ends
 
     def _new_slots(self, sids: Sequence[str], seen: float | np.ndarray) -> np.ndarray:
         """Slots for streams not held yet, reset to the model's start state and last seen at

@@ -192,6 +192,13 @@ class Worker:
             if id(prev) not in kept:
                 kept.add(id(prev))  # one engine may serve several routes: published once
                 self._publish(prev, prev.episode_ends("model_changed"))
+        # A route that now matches a stream with a learned model takes it over: the learned
+        # model's state of it goes (its open episode ends now, not as "idle" a day later,
+        # while the route scores the stream), and the model, left without a stream, is
+        # unloaded at the next sweep.
+        for stream, eng in self.models.learned.items():
+            if eng.n_streams and any(True for _ in self._matcher.iter_match(stream)):
+                self._publish(eng, eng.drop([stream], "model_changed"))
 
     def _learned_info(self) -> None:
         """Learned models are one per stream: one ``model_info`` series for all of them

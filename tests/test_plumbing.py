@@ -572,3 +572,23 @@ def test_a_checkpoint_that_no_longer_fits_at_start_ends_its_open_episodes(tmp_pa
     [end] = _alerts(published, "anomaly_end")
     assert end["stream"] == "sensors/plant/bad" and end["reason"] == "model_changed" and end["ts"] == last_ts
     assert end["model"]["name"] == "plant"
+
+
+def test_a_route_taking_over_a_learned_stream_ends_its_open_episode(tmp_path: Path) -> None:
+    # The learned model's episode used to end as "idle" a day later, while the new route
+    # scored the stream; it ends at the reload now, and the learned model lets the stream go.
+    from detector import bundle as bundle_mod
+
+    shutil.copytree(PLANT_MODEL, tmp_path / "models" / "pump")
+    worker, q, _, published = _plant_worker({"state": {"dir": str(tmp_path)}, "learn": {"enabled": True}},
+                                            routes=())
+    learned = worker_mod.learned_engine(bundle_mod.load(tmp_path / "models" / "pump"), worker.cfg)
+    worker.models.learned["site/pump"] = learned
+    last_ts = _in_episode(worker, q, "site/pump")
+    assert [a["stream"] for a in _alerts(published, "anomaly_start")] == ["site/pump"]
+
+    routed = replace(worker.cfg, models=(ModelRoute("site/+", str(PLANT_MODEL)),))
+    worker.install(routed, load_models(routed))
+    [end] = _alerts(published, "anomaly_end")
+    assert end["stream"] == "site/pump" and end["reason"] == "model_changed" and end["ts"] == last_ts
+    assert learned.n_streams == 0 and worker._route("site/pump") is worker.models.routes[0][1]
