@@ -549,7 +549,7 @@ class Worker:
                 if ev.reason in ("", "normal"):
                     log.info("%s %s score %.4f (model %s)", ev.event, ev.stream, ev.score, ev.model["name"])
                 else:  # no reading ended it: the stream left the engine in the episode
-                    why = "its model changed shape" if ev.reason == "model_changed" else "evicted"
+                    why = "its model changed" if ev.reason == "model_changed" else "evicted"
                     log.info("%s %s: %s in an episode (%s; model %s)", ev.event, ev.stream, why, ev.reason,
                              ev.model["name"])
         if len(events) > LOGGED_EVENTS:
@@ -613,7 +613,7 @@ class Worker:
                 # cost ~1 MB at its first reading (docs/security.md promises ~1.2 KB).
                 self._invalid_log.warning("learn_features", f"not learning {_shown(r.stream)}: {len(r.values)} "  # type: ignore[arg-type]
                                           f"features, at most {MAX_LEARN_FEATURES} are learned from a stream "
-                                          f"(a [[models]] route scores it)")
+                                          f"(give it a [[models]] route)")
                 return False
             features = sorted(r.values)  # type: ignore[arg-type]
             values = np.array([r.values[f] for f in features])  # type: ignore[index]
