@@ -66,8 +66,9 @@ class Event:
     model: dict[str, str]
     # Why an episode ended: "normal" (clear_readings normal readings in a row), "idle" or
     # "max_streams" (the stream was evicted while in it: nobody watches it any more, and
-    # an alert left open would stay open for ever), "model_changed" (a reload or a refit
-    # brought a model of another shape: the stream starts over). Empty for anomaly_start.
+    # an alert left open would stay open for ever), "model_changed" (its state cannot go
+    # on: a model of another shape or features, its route removed, or a route took it
+    # from its learned model; the stream starts over). Empty for anomaly_start.
     reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -216,18 +217,16 @@ class Engine:
 
     def _episode_ends(self, slots: np.ndarray, reason: str) -> list[Event]:
         """An ``anomaly_end`` for each of ``slots``' streams that is in an episode, for an
-        episode that ends because the stream leaves this engine (``reason``), not because
-        a reading cleared it: no reading to judge, so its last ``ts`` and no score."""
-        nan = math.nan
-        return [Event(sid, "anomaly_end", float(self.state[_LAST_TS, slot]), nan, nan, nan, {}, self.model_ref,
-                      reason)
-                for slot in slots.tolist()
-                if (sid := self._stream_of[slot]) is not None and self.state[_IN_EPISODE, slot] > 0.0]
+        episode that ends because the stream leaves this engine (``reason``)."""
+        return _left_in_episode([self._stream_of[slot] for slot in slots.tolist()],
+                                self.state[_LAST_TS, slots].tolist(), (self.state[_IN_EPISODE, slots] > 0.0).tolist(),
+                                self.model_ref, reason)
 
     def episode_ends(self, reason: str) -> list[Event]:
         """The ``anomaly_end`` of every stream held that is in an episode, for the caller to
         publish when this engine's states are dropped (a model of another shape replaces
-        it): a subscriber's alert must not stay open for ever. Changes no state."""
+        it, or its route is removed): a subscriber's alert must not stay open for ever.
+        Changes no state."""
         return self._episode_ends(np.flatnonzero(self.state[_IN_EPISODE] > 0.0), reason)
 
     def _release(self, slots: np.ndarray, reason: str) -> None:
@@ -614,16 +613,25 @@ class Engine:
         st[_LAST_SEEN] = now
         self.state[:, slots] = st
 
+
 def snapshot_episode_ends(snap: dict[str, np.ndarray], reason: str) -> list[Event]:
     """The ``anomaly_end`` of every stream in an episode in a :meth:`Engine.snapshot` that
     will not be restored (a checkpoint that no longer fits its model at start): its
     streams start over, and their subscribers' alerts must not stay open for ever."""
-    nan = math.nan
     name, version = (str(v) for v in snap["model"].tolist())
-    model = {"name": name, "version": version}
-    return [Event(str(sid), "anomaly_end", float(ts), nan, nan, nan, {}, model, reason)
-            for sid, ts, on in zip(snap["streams"].tolist(), snap["last_ts"].tolist(), snap["in_episode"].tolist())
-            if on]
+    return _left_in_episode([str(s) for s in snap["streams"].tolist()], snap["last_ts"].tolist(),
+                            [bool(on) for on in snap["in_episode"].tolist()], {"name": name, "version": version},
+                            reason)
+
+
+def _left_in_episode(streams: Sequence[str | None], last_ts: Sequence[float], in_episode: Sequence[bool],
+                     model: dict[str, str], reason: str) -> list[Event]:
+    """The ``anomaly_end`` of the streams (None: a free slot) in an episode that end
+    because they leave their engine, not because a reading cleared them: no reading to
+    judge, so each one's last ``ts`` and no score, error, threshold or features."""
+    nan = math.nan
+    return [Event(sid, "anomaly_end", float(ts), nan, nan, nan, {}, model, reason)
+            for sid, ts, on in zip(streams, last_ts, in_episode) if on and sid is not None]
 
 
 def _codes(streams: Sequence[str]) -> tuple[np.ndarray, list[str]]:
